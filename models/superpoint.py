@@ -1,0 +1,217 @@
+"""SuperPoint: keypoints and descriptors in one pass (DeTone et al., 2018).
+
+The network keeps the official layout (``conv1a`` … ``convDb``) so the released
+``superpoint_v1.pth`` and the project's own weights load through one path.
+Post-processing follows the released code: 65-way softmax, depth-to-space,
+max-pool NMS, threshold, border removal, top-k, bilinear descriptor sampling.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .runtime import autocast, select_device, select_precision
+from .weights import WeightsError, default_weights, load_checked, read_state_dict
+
+default_conf = {
+    "descriptor_dim": 256,
+    "nms_radius": 4,
+    "keypoint_threshold": 0.005,
+    "max_keypoints": 1024,   # -1 keeps all
+    "remove_borders": 4,
+    "cell": 8,
+}
+
+
+class SuperPointNet(nn.Module):
+    """The bare network: image (B,1,H,W) in [0,1] -> logits (B,65,H/8,W/8), descriptors (B,D,H/8,W/8)."""
+
+    def __init__(self, descriptor_dim: int = 256, channels=(64, 64, 128, 128, 256)):
+        super().__init__()
+        c1, c2, c3, c4, c5 = channels
+        conv = lambda i, o, k=3: nn.Conv2d(i, o, kernel_size=k, stride=1, padding=k // 2)
+        self.conv1a, self.conv1b = conv(1, c1), conv(c1, c1)
+        self.conv2a, self.conv2b = conv(c1, c2), conv(c2, c2)
+        self.conv3a, self.conv3b = conv(c2, c3), conv(c3, c3)
+        self.conv4a, self.conv4b = conv(c3, c4), conv(c4, c4)
+        self.convPa, self.convPb = conv(c4, c5), conv(c5, 65, 1)
+        self.convDa, self.convDb = conv(c4, c5), conv(c5, descriptor_dim, 1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        relu, pool = F.relu, F.max_pool2d
+        x = relu(self.conv1b(relu(self.conv1a(x))))
+        x = relu(self.conv2b(relu(self.conv2a(pool(x, 2)))))
+        x = relu(self.conv3b(relu(self.conv3a(pool(x, 2)))))
+        return relu(self.conv4b(relu(self.conv4a(pool(x, 2)))))
+
+    def detect(self, image: torch.Tensor) -> torch.Tensor:
+        """Detector logits only (MagicPoint training and homographic adaptation)."""
+        return self.convPb(F.relu(self.convPa(self.encode(image))))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.encode(image)
+        logits = self.convPb(F.relu(self.convPa(features)))
+        descriptors = self.convDb(F.relu(self.convDa(features)))
+        return logits, descriptors
+
+
+def channels_from_state_dict(state: dict) -> tuple[int, ...]:
+    """Widths of a SuperPoint state dict in the official layout (the slim variant only narrows them)."""
+    try:
+        return tuple(int(state[k].shape[0]) for k in ("conv1a.weight", "conv2a.weight", "conv3a.weight",
+                                                      "conv4a.weight", "convPa.weight"))
+    except (KeyError, AttributeError, IndexError) as e:
+        raise KeyError(e.args[0] if e.args else "conv1a.weight") from None
+
+
+def build_net(weights, descriptor_dim: int = 256) -> SuperPointNet:
+    """A network with the widths found in ``weights`` (a path), loaded with strict checks."""
+    state = read_state_dict(weights)
+    try:
+        channels = channels_from_state_dict(state)
+    except KeyError as e:
+        raise WeightsError(f"{weights}: missing key '{e.args[0]}' (is this a SuperPoint file?)") from None
+    net = SuperPointNet(descriptor_dim, channels)
+    load_checked(net, weights, state)
+    return net
+
+
+# ---------------------------------------------------------------- pure post-processing
+
+def logits_to_heatmap(logits: torch.Tensor, cell: int = 8) -> torch.Tensor:
+    """(B,65,h,w) logits -> (B,H,W) keypoint probabilities; the dustbin is dropped."""
+    prob = torch.softmax(logits.float(), dim=1)[:, :-1]
+    return F.pixel_shuffle(prob, cell).squeeze(1)
+
+
+def simple_nms(scores: torch.Tensor, radius: int) -> torch.Tensor:
+    """Keep local maxima within ``radius``; two extra rounds recover maxima hidden by suppressed peaks."""
+    def max_pool(x):
+        return F.max_pool2d(x, kernel_size=2 * radius + 1, stride=1, padding=radius)
+
+    zeros = torch.zeros_like(scores)
+    max_mask = scores == max_pool(scores)
+    for _ in range(2):
+        supp_mask = max_pool(max_mask.float()) > 0
+        supp_scores = torch.where(supp_mask, zeros, scores)
+        new_max_mask = supp_scores == max_pool(supp_scores)
+        max_mask = max_mask | (new_max_mask & (~supp_mask))
+    return torch.where(max_mask, scores, zeros)
+
+
+def select_keypoints(heatmap: torch.Tensor, threshold: float, border: int, max_keypoints: int):
+    """One (H,W) heatmap after NMS -> keypoints (N,2) as x,y and scores (N,), best first."""
+    height, width = heatmap.shape
+    if border > 0:
+        inside = torch.zeros_like(heatmap, dtype=torch.bool)
+        inside[border:height - border, border:width - border] = True
+        heatmap = torch.where(inside, heatmap, torch.zeros_like(heatmap))
+    flat = heatmap.reshape(-1)
+    idx = torch.nonzero(flat > threshold).squeeze(1)
+    scores = flat[idx]
+    if 0 <= max_keypoints < scores.numel():
+        scores, order = torch.topk(scores, max_keypoints)
+        idx = idx[order]
+    else:
+        scores, order = torch.sort(scores, descending=True)
+        idx = idx[order]
+    keypoints = torch.stack([idx % width, torch.div(idx, width, rounding_mode="floor")], dim=1)
+    return keypoints.float(), scores
+
+
+def sample_descriptors(keypoints: torch.Tensor, descriptors: torch.Tensor, cell: int = 8) -> torch.Tensor:
+    """Bilinearly sample (B,D,h,w) descriptors at (B,N,2) pixel keypoints -> (B,N,D), unit length.
+
+    The mapping puts pixel ``cell/2 - 0.5`` on the first cell's centre, as the released code does.
+    """
+    b, d, h, w = descriptors.shape
+    grid = keypoints - cell / 2 + 0.5
+    grid = grid / grid.new_tensor([w * cell - cell / 2 - 0.5, h * cell - cell / 2 - 0.5])
+    grid = (grid * 2 - 1).to(descriptors.dtype)
+    sampled = F.grid_sample(descriptors, grid.view(b, 1, -1, 2), mode="bilinear", align_corners=True)
+    return F.normalize(sampled.reshape(b, d, -1).float(), p=2, dim=1).transpose(1, 2)
+
+
+def image_to_tensor(image, device: torch.device) -> torch.Tensor:
+    """HxW / HxWx3 uint8 (BGR) numpy, or a tensor, -> (1,1,H,W) float in [0,1] on ``device``."""
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3:
+            import cv2
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        if image.ndim != 2:
+            raise ValueError(f"expected an HxW or HxWx3 image, got shape {image.shape}")
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+        tensor = tensor.float() / 255.0 if image.dtype == np.uint8 else tensor.float()
+        return tensor[None, None]
+    tensor = image.to(device)
+    if tensor.dtype == torch.uint8:
+        tensor = tensor.float() / 255.0
+    while tensor.dim() < 4:
+        tensor = tensor[None]
+    if tensor.shape[1] == 3:
+        tensor = (tensor * tensor.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return tensor.float()
+
+
+def pad_to_multiple(images: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """Pad bottom/right so H and W divide by ``multiple``; keypoints keep their coordinates."""
+    h, w = images.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return F.pad(images, (0, pw, 0, ph), mode="replicate") if ph or pw else images
+
+
+class SuperPoint:
+    """Keypoint detector and descriptor.
+
+    ``weights``: None = the project's shipped default, a path to a state dict in the
+    official layout, or False for random initialisation (training, benchmarks).
+    ``precision``: "fp32", "bf16" (CPU with bf16 units) or "fp16" (CUDA); default fastest faithful.
+    """
+
+    def __init__(self, weights=None, max_keypoints: int = 1024, nms_radius: int = 4,
+                 keypoint_threshold: float = 0.005, device=None, precision: str | None = None, **conf):
+        self.conf = {**default_conf, **conf, "max_keypoints": max_keypoints,
+                     "nms_radius": nms_radius, "keypoint_threshold": keypoint_threshold}
+        self.device = select_device(device)
+        self.precision = select_precision(self.device, precision)
+        if weights is None:
+            weights = default_weights("superpoint_*.pth")
+        if weights is False:
+            net = SuperPointNet(self.conf["descriptor_dim"], self.conf.get("channels", (64, 64, 128, 128, 256)))
+        else:
+            net = build_net(weights, self.conf["descriptor_dim"])
+        self.weights = weights
+        self.net = net.eval().to(self.device, memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def extract(self, image) -> dict:
+        """One image -> dict of keypoints (N,2), scores (N,), descriptors (N,D), image_size (W,H)."""
+        batch = self.extract_batch(image_to_tensor(image, self.device))
+        return batch[0]
+
+    @torch.inference_mode()
+    def extract_batch(self, images: torch.Tensor) -> list[dict]:
+        """(B,1,H,W) float images in [0,1] -> one feature dict per image (stereo pairs, training)."""
+        images = images.to(self.device)
+        height, width = images.shape[-2:]
+        logits, descriptors = self.forward_dense(images)
+        heatmaps = logits_to_heatmap(logits, self.conf["cell"])[:, :height, :width]
+        heatmaps = simple_nms(heatmaps, self.conf["nms_radius"])
+        size = torch.tensor([width, height], device=self.device)
+        out = []
+        for heatmap, desc in zip(heatmaps, descriptors):
+            kpts, scores = select_keypoints(heatmap, self.conf["keypoint_threshold"],
+                                            self.conf["remove_borders"], self.conf["max_keypoints"])
+            desc = sample_descriptors(kpts[None], desc[None], self.conf["cell"])[0]
+            out.append({"keypoints": kpts, "scores": scores, "descriptors": desc, "image_size": size})
+        return out
+
+    def forward_dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network pass in the chosen precision; returns fp32 logits and unit descriptors."""
+        images = pad_to_multiple(images, self.conf["cell"]).contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
+            logits, descriptors = self.net(images)
+        descriptors = F.normalize(descriptors.float(), p=2, dim=1)
+        return logits.float(), descriptors

@@ -1,0 +1,58 @@
+"""Loading weight files with strict checks and one-line errors."""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+class WeightsError(RuntimeError):
+    """A weight file is missing, unreadable or does not fit the model."""
+
+
+def default_weights(pattern: str) -> Path:
+    """The newest shipped file in ``weights/`` matching ``pattern`` (e.g. 'superpoint_*.pth')."""
+    found = sorted(WEIGHTS_DIR.glob(pattern))
+    if not found:
+        raise WeightsError(
+            f"no shipped weights match weights/{pattern}; pass weights=PATH "
+            "(e.g. the official Magic Leap .pth) or train them with `python -m vo.train`")
+    return found[-1]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a plain state dict (or a training checkpoint holding one) safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weight file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{path}: not a readable torch weight file ({first})") from None
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]  # our training checkpoints
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors")
+    return obj
+
+
+def load_checked(model: torch.nn.Module, path: str | Path, state: dict | None = None) -> None:
+    """Load ``path`` (or its already-read ``state``) into ``model`` with strict key and shape checks."""
+    state = read_state_dict(path) if state is None else state
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = model.state_dict()
+    for key, ref in expected.items():
+        if key not in state:
+            raise WeightsError(f"{path}: missing key '{key}' (is this the right model's file?)")
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise WeightsError(
+                f"{path}: key '{key}' has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise WeightsError(f"{path}: unexpected key '{extra[0]}' (is this the right model's file?)")
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,1 @@
+"""Visual odometry pipeline: sources, tracker, backend, evaluation and training."""

@@ -1,0 +1,75 @@
+"""What every training stage shares: resumable checkpoints, a plain log, the CPU set-up."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def setup_cpu(threads: int | None = None) -> None:
+    """Use every core for the math; data comes from a pre-rendered cache so no workers compete."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+class Checkpoint:
+    """``DIR/last.pth`` holds model, optimiser, step and RNG states; written atomically."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "last.pth"
+
+    def save(self, model, optimizer, step: int, extra: dict | None = None) -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "torch_rng": torch.get_rng_state(),
+            "extra": extra or {},
+        }
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)  # a kill mid-write never corrupts the last checkpoint
+
+    def load(self, model, optimizer) -> tuple[int, dict]:
+        """Restore into ``model``/``optimizer``; returns (step, extra), (0, {}) when starting fresh."""
+        if not self.path.exists():
+            return 0, {}
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["step"]), state.get("extra", {})
+
+
+class TrainLog:
+    """Appends one JSON object per line to ``DIR/log.jsonl`` and mirrors it as text to ``log.txt``."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.started = time.time()
+
+    def write(self, step: int, **values) -> None:
+        record = {"step": step, "time": round(time.time() - self.started, 1), **values}
+        with open(self.dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+        with open(self.dir / "log.txt", "a") as f:
+            f.write(text + "\n")
+
+
+def step_rng(seed: int, step: int) -> np.random.Generator:
+    """A generator that depends only on (seed, step), so a resumed run draws the same batches."""
+    return np.random.default_rng([seed, step])
+
+
+def export_weights(model: torch.nn.Module, path: str | Path) -> Path:
+    """Save a plain fp32 state dict in the official layout (what ``SuperPoint(weights=...)`` reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}, path)
+    return path

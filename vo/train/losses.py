@@ -1,0 +1,90 @@
+"""SuperPoint's losses (DeTone et al. 2018, Sec. 3.4), as small pure functions.
+
+Shapes: B images of H x W pixels, cells of 8 x 8, so Hc = H/8 and Wc = W/8.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+default_conf = {
+    "cell": 8,
+    "positive_margin": 1.0,   # m_p
+    "negative_margin": 0.2,   # m_n
+    "lambda_d": 250.0,        # weight of the positive pairs in the hinge
+    "lambda_loss": 1e-4,      # weight of the descriptor loss in the total
+}
+
+
+def keypoint_map_to_cell_labels(kp_map: torch.Tensor, cell: int = 8,
+                                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,H,W) {0,1} keypoint map -> (B,Hc,Wc) class in 0..64 (64 = dustbin, no keypoint).
+
+    A cell holding several keypoints takes one of them at random, as the paper says.
+    """
+    b, h, w = kp_map.shape
+    cells = F.pixel_unshuffle(kp_map[:, None].float(), cell)          # (B,64,Hc,Wc)
+    noise = torch.rand(cells.shape, generator=generator, device=cells.device)
+    scored = cells * (1.0 + noise)                                      # ties broken at random
+    dustbin = torch.full_like(scored[:, :1], 0.5)                       # wins only where the cell is empty
+    return torch.cat([scored, dustbin], dim=1).argmax(dim=1)
+
+
+def detector_loss(logits: torch.Tensor, labels: torch.Tensor,
+                  valid_mask: torch.Tensor | None = None, cell: int = 8,
+                  label_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """65-way cross-entropy per cell, averaged over valid cells.
+
+    ``valid_mask`` (B,H,W): a cell counts only when all its pixels are valid (inside a warp).
+    ``label_weights`` (B,Hc,Wc): optional per-cell weights (0 = ignore), used by SuperPointVO.
+    """
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")      # (B,Hc,Wc)
+    weights = torch.ones_like(ce)
+    if valid_mask is not None:
+        weights = weights * (F.avg_pool2d(valid_mask[:, None].float(), cell)[:, 0] > 0.999).float()
+    if label_weights is not None:
+        weights = weights * label_weights
+    return (ce * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def cell_centres(hc: int, wc: int, cell: int = 8, device=None) -> torch.Tensor:
+    """(Hc*Wc, 2) pixel coordinates x,y of the cell centres, row-major."""
+    ys, xs = torch.meshgrid(torch.arange(hc, device=device), torch.arange(wc, device=device), indexing="ij")
+    return torch.stack([xs, ys], dim=-1).reshape(-1, 2).float() * cell + (cell - 1) / 2
+
+
+def warp_points_torch(points: torch.Tensor, homographies: torch.Tensor) -> torch.Tensor:
+    """(N,2) points, (B,3,3) homographies -> (B,N,2) warped points."""
+    homog = torch.cat([points, torch.ones_like(points[:, :1])], dim=1)  # (N,3)
+    warped = torch.einsum("bij,nj->bni", homographies.to(points.dtype), homog)
+    return warped[..., :2] / warped[..., 2:].clamp(min=1e-8)
+
+
+def descriptor_correspondence(homographies: torch.Tensor, hc: int, wc: int, cell: int = 8) -> torch.Tensor:
+    """s_{hw,h'w'} = 1 when H maps the centre of cell hw within ``cell`` px of cell h'w': (B,Nc,Nc)."""
+    centres = cell_centres(hc, wc, cell, homographies.device)
+    warped = warp_points_torch(centres, homographies)                   # (B,Nc,2)
+    dist = torch.cdist(warped, centres[None].expand(len(warped), -1, -1))
+    return (dist <= cell).float()
+
+
+def descriptor_loss(desc0: torch.Tensor, desc1: torch.Tensor, homographies: torch.Tensor,
+                    valid_mask1: torch.Tensor | None = None, conf: dict = default_conf) -> torch.Tensor:
+    """Hinge loss over all pairs of cells between image 0 and its warp 1 (H maps 0 -> 1).
+
+    desc0, desc1: (B,D,Hc,Wc) dense descriptors; they are L2-normalised here.
+    ``valid_mask1`` (B,H,W): cells of image 1 outside the warp carry no loss.
+    """
+    b, d, hc, wc = desc0.shape
+    cell = conf["cell"]
+    d0 = F.normalize(desc0.float(), dim=1).reshape(b, d, -1)
+    d1 = F.normalize(desc1.float(), dim=1).reshape(b, d, -1)
+    dot = torch.einsum("bdi,bdj->bij", d0, d1)                         # (B,Nc,Nc)
+    s = descriptor_correspondence(homographies, hc, wc, cell)
+    positive = conf["lambda_d"] * s * F.relu(conf["positive_margin"] - dot)
+    negative = (1 - s) * F.relu(dot - conf["negative_margin"])
+    loss = positive + negative
+    if valid_mask1 is not None:
+        valid = (F.avg_pool2d(valid_mask1[:, None].float(), cell)[:, 0] > 0.999).reshape(b, 1, -1).float()
+        return (loss * valid).sum() / (valid.sum() * hc * wc).clamp(min=1.0)
+    return loss.mean()
