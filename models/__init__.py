@@ -4,3 +4,36 @@ Extractors: ``extract(image) -> {"keypoints" (N,2) x,y px, "scores" (N,),
 "descriptors" (N,D), "image_size" (W,H)}``.
 Matchers: ``match(feats0, feats1) -> {"matches" (K,2), "scores" (K,)}``.
 """
+
+EXTRACTORS = ("superpoint", "orb", "sift")
+MATCHERS = ("superglue", "mnn")
+
+
+def build_extractor(name: str, **kw):
+    """'superpoint' | 'orb' | 'sift' -> an extractor; ``kw`` go to its constructor.
+
+    Imports are lazy so the classical path never loads the networks.
+    """
+    key = name.lower()
+    if key == "superpoint":
+        from .superpoint import SuperPoint
+        return SuperPoint(**kw)
+    if key == "orb":
+        from .classical import ORB
+        return ORB(**kw)
+    if key == "sift":
+        from .classical import SIFT
+        return SIFT(**kw)
+    raise ValueError(f"unknown extractor {name!r}; choose one of {EXTRACTORS}")
+
+
+def build_matcher(name: str, **kw):
+    """'superglue' | 'mnn' -> a matcher; ``kw`` go to its constructor."""
+    key = name.lower()
+    if key == "superglue":
+        from .superglue import SuperGlue
+        return SuperGlue(**kw)
+    if key in ("mnn", "nn", "mutual_nn"):
+        from .nn_matcher import MutualNN
+        return MutualNN(**kw)
+    raise ValueError(f"unknown matcher {name!r}; choose one of {MATCHERS}")

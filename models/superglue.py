@@ -219,15 +219,15 @@ def log_sinkhorn_stabilized(Z: torch.Tensor, log_mu: torch.Tensor, log_nu: torch
 
 
 def log_optimal_transport(scores: torch.Tensor, alpha: torch.Tensor, iters: int) -> torch.Tensor:
-    """(B,M,N) scores and the dustbin score ``alpha`` -> (B,M+1,N+1) log assignment, in fp32.
+    """(B,M,N) scores and the dustbin score ``alpha`` -> (B,M+1,N+1) log assignment, in fp32 (or fp64).
 
     Marginals as released: 1 per keypoint, N (resp. M) for the dustbin of image 0
     (resp. 1), all divided by M+N; the result is multiplied back by M+N, so exp of
     a real row sums to 1 and exp of the dustbin row sums to N.
     """
-    scores = scores.float()
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     b, m, n = scores.shape
-    alpha = alpha.float()
+    alpha = alpha.to(scores.dtype)
     couplings = torch.cat([torch.cat([scores, alpha.expand(b, m, 1)], -1),
                            torch.cat([alpha.expand(b, 1, n), alpha.expand(b, 1, 1)], -1)], 1)
     norm = -math.log(m + n)
@@ -327,12 +327,13 @@ class SuperGlue(nn.Module):
         size1 = data["image_size1"].to(kpts1).expand(b, 2)
         kpts = torch.cat([normalize_keypoints(kpts0, size0), normalize_keypoints(kpts1, size1)], 1)
         scores = torch.cat([data["scores0"], data["scores1"]], 1).to(kpts)
-        x = torch.cat([desc0, desc1], 1).float()
+        dtype = self.final_proj.weight.dtype  # fp32 normally; float64 in numerical tests
+        x = torch.cat([desc0, desc1], 1).to(dtype)
         x = x + self.kenc(kpts, scores, segments).to(x.dtype)
         x = self.gnn(x, segments)
         # Scores and transport in fp32: bf16/fp16 rounding of S_ij flips near-tied argmaxes.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            mdesc = F.linear(x.float(), self.final_proj.weight[..., 0].float(), self.final_proj.bias.float())
+            mdesc = F.linear(x.to(dtype), self.final_proj.weight[..., 0], self.final_proj.bias)
             mdesc0, mdesc1 = mdesc.split(segments, dim=1)
             sim = torch.bmm(mdesc0, mdesc1.transpose(1, 2)) / dim ** 0.5
             return log_optimal_transport(sim, self.bin_score, self.conf["sinkhorn_iterations"])
@@ -349,7 +350,8 @@ class SuperGlue(nn.Module):
             kpts = _as_tensor(feats["keypoints"], self.device).reshape(-1, 2)
             data[f"keypoints{i}"] = kpts[None]
             data[f"scores{i}"] = _as_tensor(feats["scores"], self.device).reshape(1, -1)
-            data[f"descriptors{i}"] = _as_tensor(feats["descriptors"], self.device).reshape(1, kpts.shape[0], -1)
+            desc = _as_tensor(feats["descriptors"], self.device)
+            data[f"descriptors{i}"] = desc.reshape(1, -1, desc.shape[-1])
             data[f"image_size{i}"] = _as_tensor(feats["image_size"], self.device).reshape(1, 2)
         if data["keypoints0"].shape[1] == 0 or data["keypoints1"].shape[1] == 0:
             return {"matches": np.zeros((0, 2), np.int64), "scores": np.zeros((0,), np.float32)}

@@ -23,7 +23,8 @@ from .types import Camera
 class BAConfig:
     window: int = 7                   # keyframes optimised
     max_fixed_keyframes: int = 4      # older keyframes seeing window points, held fixed
-    max_iterations: int = 15
+    max_iterations: int = 10
+    function_tolerance: float = 1e-5  # relative cost change that ends the solve early
     loss: str = "HUBER"               # any pycolmap.LossFunctionType: HUBER, CAUCHY, SOFT_L1
     loss_scale: float = 2.0           # pixels
     max_reprojection_error: float = 3.0  # pixels; observations beyond are dropped afterwards
@@ -118,6 +119,7 @@ def _options(config: BAConfig) -> pycolmap.BundleAdjustmentOptions:
     options.ceres.loss_function_type = getattr(pycolmap.LossFunctionType, config.loss)
     options.ceres.loss_function_scale = config.loss_scale
     options.ceres.solver_options.max_num_iterations = config.max_iterations
+    options.ceres.solver_options.function_tolerance = config.function_tolerance
     options.ceres.solver_options.num_threads = config.num_threads
     return options
 
@@ -233,7 +235,25 @@ def _window_problem(map_: Map, window: list[Keyframe], config: BAConfig, camera:
                         map_.points.xyz[point_ids].copy(), np.concatenate(obs_pose),
                         np.concatenate(obs_point), np.concatenate(obs_xy),
                         np.concatenate(obs_right) if baseline else None, baseline)
-    return problem, [kf.id for kf in keyframes], point_ids
+    problem, kept = drop_weak_points(problem)
+    if len(kept) == 0:
+        return None, [], point_ids[kept]
+    return problem, [kf.id for kf in keyframes], point_ids[kept]
+
+
+def drop_weak_points(problem: BAProblem) -> tuple[BAProblem, np.ndarray]:
+    """Remove points with fewer than two measurements (left + right): BA cannot place them."""
+    measurements = np.ones(len(problem.obs_point))
+    if problem.obs_right_x is not None:
+        measurements += np.isfinite(problem.obs_right_x)
+    kept = np.flatnonzero(np.bincount(problem.obs_point, measurements, len(problem.points)) >= 2)
+    new_index = np.full(len(problem.points), -1)
+    new_index[kept] = np.arange(len(kept))
+    rows = new_index[problem.obs_point] >= 0
+    return BAProblem(problem.camera, problem.poses, problem.fixed_poses, problem.points[kept],
+                     problem.obs_pose[rows], new_index[problem.obs_point[rows]], problem.obs_xy[rows],
+                     None if problem.obs_right_x is None else problem.obs_right_x[rows],
+                     problem.baseline), kept
 
 
 def _cull_observations(map_: Map, problem: BAProblem, keyframe_ids, point_ids, poses, points,

@@ -80,8 +80,8 @@ def make_rect(origin, axis_u, axis_v, rng, config: RenderConfig) -> Rect:
 
 
 def room_with_boxes(rng: np.random.Generator, config: RenderConfig) -> list[Rect]:
-    """A 7 x 3.2 x 10 m room (OpenCV axes: y down) with two boxes standing on the floor."""
-    x0, x1, y0, y1, z0, z1 = -3.5, 3.5, -1.6, 1.6, -3.0, 7.0
+    """A 4.4 x 2.4 x 6 m room (OpenCV axes: y down) with two boxes standing on the floor."""
+    x0, x1, y0, y1, z0, z1 = -2.2, 2.2, -1.2, 1.2, -2.0, 4.0
     dx, dy, dz = x1 - x0, y1 - y0, z1 - z0
     rects = [  # axes ordered so that each normal (u x v) points into the room
         make_rect([x1, y0, z1], [-dx, 0, 0], [0, dy, 0], rng, config),   # front wall
@@ -91,8 +91,8 @@ def room_with_boxes(rng: np.random.Generator, config: RenderConfig) -> list[Rect
         make_rect([x0, y1, z0], [dx, 0, 0], [0, 0, dz], rng, config),    # floor
         make_rect([x0, y0, z1], [dx, 0, 0], [0, 0, -dz], rng, config),   # ceiling
     ]
-    rects += box([-1.6, 0.4, 3.6], [1.0, 1.2, 0.9], rng, config)
-    rects += box([0.9, -0.2, 4.4], [0.8, 1.8, 1.1], rng, config)
+    rects += box([-1.2, 0.4, 2.4], [0.7, 0.8, 0.6], rng, config)
+    rects += box([0.7, -0.3, 3.0], [0.6, 1.5, 0.6], rng, config)
     return rects
 
 

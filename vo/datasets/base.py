@@ -45,9 +45,27 @@ def check_stamps(stamps: np.ndarray, path: Path | str) -> None:
     if bad.size:
         k = int(bad[0]) + 1
         problem = "duplicate" if steps[bad[0]] == 0 else "unsorted"
-        raise SourceError(f"{path}: {problem} stamp {stamps[k]!r} at entry {k}")
+        raise SourceError(f"{path}: {problem} stamp {stamps[k]} at entry {k}")
     if not np.all(np.isfinite(stamps)):
         raise SourceError(f"{path}: non-finite stamp")
+
+
+def read_stamp_file(path: Path) -> np.ndarray:
+    """One stamp (seconds) per line, as KITTI's times.txt; must strictly increase."""
+    stamps = []
+    for line_no, line in enumerate(require_file(path).read_text().splitlines(), 1):
+        field = line.split("#", 1)[0].strip()
+        if not field:
+            continue
+        try:
+            stamps.append(float(field))
+        except ValueError:
+            raise SourceError(f"{path}: line {line_no} is not a stamp") from None
+    if not stamps:
+        raise SourceError(f"{path}: holds no stamps")
+    stamps = np.array(stamps)
+    check_stamps(stamps, path)
+    return stamps
 
 
 def read_image(path: Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray | None:

@@ -226,7 +226,7 @@ def stereo_rectify(left: Camera, right: Camera, right_from_left: np.ndarray) -> 
     dist_l, dist_r = _zeros_if_none(left.dist), _zeros_if_none(right.dist)
     # alpha=0 keeps only valid pixels, as ORB-SLAM's EuRoC stereo settings do.
     r1, r2, p1, p2, _, _, _ = cv2.stereoRectify(
-        left.K, dist_l, right.K, dist_r, size, right_from_left[:3, :3], right_from_left[:3, 3],
+        left.K, dist_l, right.K, dist_r, size, right_from_left[:3, :3], right_from_left[:3, 3:4].copy(),
         flags=cv2.CALIB_ZERO_DISPARITY, alpha=0)
     left_maps = cv2.initUndistortRectifyMap(left.K, dist_l, r1, p1[:3, :3], size, cv2.CV_32FC1)
     right_maps = cv2.initUndistortRectifyMap(right.K, dist_r, r2, p2[:3, :3], size, cv2.CV_32FC1)

@@ -8,10 +8,10 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from vo.datasets.base import (Source, SourceError, first_image_size, read_sized_image, require_dir,
-                              require_file, warn)
-from vo.datasets.calib import Calibration, load_calibration
-from vo.eval.trajectory import TrajectoryError, read_kitti, read_times
+from vo.datasets.base import (Source, SourceError, first_image_size, read_sized_image, read_stamp_file,
+                              require_dir, require_file, warn)
+from vo.datasets.calib import Calibration, Undistorter, load_calibration
+from vo.eval.trajectory import TrajectoryError, read_kitti
 from vo.types import Frame
 
 KITTI_RATE_HZ = 10.0
@@ -49,10 +49,7 @@ def read_stamps(root: Path, count_hint: int) -> np.ndarray:
     if not times_path.is_file():
         warn(f"{times_path}: missing; assuming {KITTI_RATE_HZ:g} Hz")
         return np.arange(count_hint) / KITTI_RATE_HZ
-    try:
-        return read_times(times_path)
-    except TrajectoryError as exc:
-        raise SourceError(str(exc)) from None
+    return read_stamp_file(times_path)
 
 
 def read_ground_truth(root: Path, stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -89,6 +86,8 @@ class KittiSource(Source):
             warn(f"{left_dir}: {len(images)} images but {len(self.stamps)} stamps in times.txt")
         width, height = first_image_size(self.left_paths, "left")
         camera = calibration.to_camera(width, height)
+        self.undistort = Undistorter.for_camera(camera)   # only a --calib with distortion needs it
+        camera = self.undistort.camera if self.undistort else camera
         stereo = (root / "image_1").is_dir() and calibration.baseline is not None
         if stereo:
             self._check_stereo_sizes((width, height))
@@ -110,4 +109,6 @@ class KittiSource(Source):
                 right = read_sized_image(self.right_paths[index], cv2.IMREAD_GRAYSCALE, size)
             if left is None or (mode == "stereo" and right is None):
                 continue
+            if self.undistort is not None:
+                left, right = self.undistort(left), (self.undistort(right) if right is not None else None)
             yield Frame(index, float(stamp), left, right=right, path=str(left_path))

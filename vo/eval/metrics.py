@@ -173,9 +173,11 @@ def kitti_segment_errors(est: Trajectory, ref: Trajectory, lengths=KITTI_LENGTHS
         ends = np.searchsorted(travelled, travelled[starts] + length, side="right")
         valid = ends < len(ref)
         first, last = starts[valid], ends[valid]
-        ref_motion = _inverse(ref.poses[first]) @ ref.poses[last]
-        est_motion = _inverse(est.poses[first]) @ est.poses[last]
-        error = _inverse(est_motion) @ ref_motion
+        # General inverse, as the devkit's Matrix::inv: KITTI files round rotations to 6 digits,
+        # so a transpose would differ in the 7th digit of t_rel.
+        ref_motion = np.linalg.inv(ref.poses[first]) @ ref.poses[last]
+        est_motion = np.linalg.inv(est.poses[first]) @ est.poses[last]
+        error = np.linalg.inv(est_motion) @ ref_motion
         cos_angle = np.clip(0.5 * (np.trace(error[:, :3, :3], axis1=1, axis2=2) - 1.0), -1.0, 1.0)
         seg_lengths.append(np.full(len(first), float(length)))
         t_errs.append(np.linalg.norm(error[:, :3, 3], axis=1) / length)

@@ -16,7 +16,7 @@ class TrajectoryError(ValueError):
     """A trajectory file that cannot be used; the message names the file and the problem."""
 
 
-@dataclass
+@dataclass(eq=False)   # arrays have no single truth value; compare fields explicitly
 class Trajectory:
     stamps: np.ndarray   # (N,) seconds
     poses: np.ndarray    # (N, 4, 4) camera-to-world
@@ -61,10 +61,16 @@ class Trajectory:
 
 # ----------------------------------------------------------------------------- parsing helpers
 
-def _read_rows(path: Path, delimiter: str | None, min_columns: int, exact: bool) -> np.ndarray:
-    """Numbers of a text table, skipping '#' comments and blank lines; problems name the line."""
+def _require_file(path: Path) -> None:
+    if path.is_dir():
+        raise TrajectoryError(f"{path}: is a folder, expected a trajectory file")
     if not path.is_file():
         raise TrajectoryError(f"{path}: no such file")
+
+
+def _read_rows(path: Path, delimiter: str | None, min_columns: int, exact: bool) -> np.ndarray:
+    """Numbers of a text table, skipping '#' comments and blank lines; problems name the line."""
+    _require_file(path)
     rows, width = [], None
     with path.open(errors="replace") as handle:
         for line_no, line in enumerate(handle, 1):
@@ -178,8 +184,7 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     if path.suffix.lower() == ".csv":
         return "euroc"
-    if not path.is_file():
-        raise TrajectoryError(f"{path}: no such file")
+    _require_file(path)
     with path.open(errors="replace") as handle:
         for line in handle:
             fields = line.split()
@@ -226,7 +231,8 @@ def nearest_indices(query: np.ndarray, reference: np.ndarray, max_diff: float) -
     diff_lower = np.where(upper > 0, query - reference[lower], np.inf)
     take_upper = (diff_upper <= max_diff) & (diff_upper < diff_lower)
     take_lower = ~take_upper & (diff_lower <= max_diff) & (diff_lower <= diff_upper)
-    matched = take_upper | take_lower
+    in_range = (query >= reference[0] - max_diff) & (query <= reference[-1] + max_diff)
+    matched = (take_upper | take_lower) & in_range
     chosen = np.where(take_upper, upper, lower)
     return np.flatnonzero(matched), chosen[matched]
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -31,6 +34,18 @@ def main(argv=None) -> int:
     mp.add_argument("--run", default="runs/magicpoint")
     mp.add_argument("--steps", type=int)
     mp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override default_conf")
+    ad = sub.add_parser("adapt", help="Homographic Adaptation labels for real images")
+    ad.add_argument("--detector", default="runs/magicpoint/magicpoint.pth")
+    ad.add_argument("--out", default="runs/ha_labels")
+    ad.add_argument("--data", default=str(DEFAULT_DATA), help="the shared data folder")
+    ad.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    sp = sub.add_parser("superpoint", help="detector and descriptor on homography pairs")
+    sp.add_argument("--labels", default="runs/ha_labels/labels.npz")
+    sp.add_argument("--init", default="runs/magicpoint/magicpoint.pth",
+                    help="start from these weights ('none' for scratch)")
+    sp.add_argument("--run", default="runs/superpoint")
+    sp.add_argument("--steps", type=int)
+    sp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
     conf = parse_overrides(args.set)
@@ -39,6 +54,13 @@ def main(argv=None) -> int:
     if args.stage == "magicpoint":
         from vo.train import magicpoint
         print(f"weights: {magicpoint.train(args.run, conf)}")
+    elif args.stage == "adapt":
+        from vo.train import adapt
+        print(f"labels: {adapt.run(args.detector, args.out, args.data, conf)}")
+    elif args.stage == "superpoint":
+        from vo.train import superpoint
+        init = None if args.init.lower() == "none" else args.init
+        print(f"weights: {superpoint.train(args.labels, args.run, init, conf)}")
     return 0
 
 

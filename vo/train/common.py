@@ -11,7 +11,12 @@ import torch
 
 
 def setup_cpu(threads: int | None = None) -> None:
-    """Use every core for the math; data comes from a pre-rendered cache so no workers compete."""
+    """Use every core for the math unless OMP_NUM_THREADS says otherwise (a shared machine).
+
+    Data comes from pre-rendered caches, so no loader workers compete with the math.
+    """
+    if threads is None and "OMP_NUM_THREADS" in os.environ:
+        return
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 

@@ -1,0 +1,138 @@
+"""SuperPoint: post-processing on constructed inputs, weight loading and its errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.superpoint import (SuperPoint, SuperPointNet, logits_to_heatmap, sample_descriptors,
+                               select_keypoints, simple_nms)
+from models.weights import WeightsError
+
+OFFICIAL_SHAPES = {
+    "conv1a": (64, 1), "conv1b": (64, 64), "conv2a": (64, 64), "conv2b": (64, 64),
+    "conv3a": (128, 64), "conv3b": (128, 128), "conv4a": (128, 128), "conv4b": (128, 128),
+    "convPa": (256, 128), "convPb": (65, 256), "convDa": (256, 128), "convDb": (256, 256),
+}
+
+
+def official_state_dict() -> dict:
+    """Random tensors with the keys and shapes of the released superpoint_v1.pth."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, (out_c, in_c) in OFFICIAL_SHAPES.items():
+        k = 1 if name in ("convPb", "convDb") else 3
+        state[f"{name}.weight"] = torch.randn(out_c, in_c, k, k, generator=g) * 0.05
+        state[f"{name}.bias"] = torch.zeros(out_c)
+    return state
+
+
+def test_nms_keeps_the_strongest_peak_per_neighbourhood():
+    scores = torch.zeros(1, 40, 40)
+    scores[0, 10, 10] = 0.9
+    scores[0, 12, 11] = 0.5     # within radius 4 of the stronger peak: suppressed
+    scores[0, 30, 30] = 0.4     # isolated: kept
+    kept = simple_nms(scores, radius=4)[0]
+    assert torch.nonzero(kept).tolist() == [[10, 10], [30, 30]]
+
+
+def test_nms_recovers_a_peak_hidden_behind_a_suppressed_one():
+    # a chain 0.9 -> 0.8 -> 0.7 spaced by 3 px: 0.8 is suppressed by 0.9, so 0.7 becomes a maximum
+    scores = torch.zeros(1, 20, 40)
+    scores[0, 10, 5], scores[0, 10, 8], scores[0, 10, 11] = 0.9, 0.8, 0.7
+    kept = torch.nonzero(simple_nms(scores, radius=3)[0])[:, 1].tolist()
+    assert kept == [5, 11]
+
+
+def test_selection_thresholds_removes_borders_and_keeps_top_k():
+    heat = torch.zeros(32, 48)
+    heat[2, 20] = 0.9           # inside the 4 px border: dropped
+    heat[10, 10], heat[20, 30], heat[15, 40] = 0.3, 0.6, 0.002
+    kpts, scores = select_keypoints(heat, threshold=0.005, border=4, max_keypoints=-1)
+    assert kpts.tolist() == [[30.0, 20.0], [10.0, 10.0]]   # x,y, best first
+    assert scores.tolist() == pytest.approx([0.6, 0.3])
+    kpts, _ = select_keypoints(heat, threshold=0.005, border=4, max_keypoints=1)
+    assert kpts.tolist() == [[30.0, 20.0]]
+
+
+def test_heatmap_is_the_depth_to_space_softmax_without_dustbin():
+    logits = torch.full((1, 65, 2, 3), -20.0)
+    logits[0, 64] = 20.0                  # every cell says "no keypoint"...
+    logits[0, 64, 1, 2] = -20.0
+    logits[0, 8 * 5 + 3, 1, 2] = 20.0     # ...but cell (1,2) puts one at row 5, column 3
+    heat = logits_to_heatmap(logits)
+    assert heat.shape == (1, 16, 24)
+    assert torch.nonzero(heat[0] > 0.5).tolist() == [[8 + 5, 16 + 3]]
+
+
+def test_descriptor_sampling_at_cell_centres_follows_the_released_mapping():
+    hc, wc = 6, 10
+    # channel 0 is the cell's column, channel 1 a constant: their ratio reads back the sampled position
+    desc = torch.zeros(1, 2, hc, wc)
+    desc[0, 0] = torch.arange(wc).float()
+    desc[0, 1] = 100.0
+    ys, xs = torch.meshgrid(torch.arange(hc), torch.arange(wc), indexing="ij")
+    centres = torch.stack([xs, ys], -1).reshape(1, -1, 2).float() * 8 + 3.5
+    sampled = sample_descriptors(centres, desc)[0]
+    position = sampled[:, 0] / sampled[:, 1] * 100.0
+    # released code: (kp - s/2 + 0.5) / (W*s - s/2 - 0.5) spans the grid, so the first centre is exact
+    expected = (centres[0, :, 0] - 3.5) / (wc * 8 - 4.5) * (wc - 1)
+    assert torch.allclose(position, expected, atol=1e-4)
+    assert position[0] == 0 and (position - xs.reshape(-1)).abs().max() < 0.5
+    assert torch.allclose(sampled.norm(dim=1), torch.ones(hc * wc), atol=1e-5)
+
+
+def test_official_layout_loads_strictly_and_extracts(tmp_path):
+    path = tmp_path / "superpoint_v1.pth"
+    torch.save(official_state_dict(), path)
+    sp = SuperPoint(weights=path, max_keypoints=20, keypoint_threshold=0.0, precision="fp32")
+    image = (np.random.default_rng(0).random((60, 83)) * 255).astype(np.uint8)  # not a multiple of 8
+    feats = sp.extract(image)
+    assert feats["keypoints"].shape == (20, 2) and feats["descriptors"].shape == (20, 256)
+    assert feats["image_size"].tolist() == [83, 60]
+    assert (feats["keypoints"][:, 0] < 83 - 4).all() and (feats["keypoints"][:, 1] < 60 - 4).all()
+    colour = sp.extract(np.repeat(image[..., None], 3, axis=2))
+    assert torch.allclose(colour["keypoints"], feats["keypoints"])
+
+
+def test_slim_widths_load_through_the_same_loader(tmp_path):
+    net = SuperPointNet(channels=(32, 32, 64, 64, 128))
+    path = tmp_path / "slim.pth"
+    torch.save(net.state_dict(), path)
+    assert SuperPoint(weights=path).net.conv1a.weight.shape[0] == 32
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "weight file not found"),
+    ("truncated", "not a readable torch weight file"),
+    ("foreign", "missing key 'conv1a.weight'"),
+    ("shape", "key 'convDb.weight' has shape (128, 256, 1, 1), expected (256, 256, 1, 1)"),
+    ("extra", "unexpected key 'extra.weight'"),
+])
+def test_bad_weight_files_get_one_line_errors(tmp_path, damage, message):
+    path = tmp_path / "weights.pth"
+    state = official_state_dict()
+    if damage == "truncated":
+        torch.save(state, path)
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "foreign":
+        torch.save({"bin_score": torch.tensor(1.0)}, path)
+    elif damage == "shape":
+        state["convDb.weight"] = torch.zeros(128, 256, 1, 1)
+        torch.save(state, path)
+    elif damage == "extra":
+        state["extra.weight"] = torch.zeros(1)
+        torch.save(state, path)
+    with pytest.raises(WeightsError) as err:
+        SuperPoint(weights=path)
+    text = str(err.value)
+    assert str(path) in text and message in text and "\n" not in text
+
+
+def test_default_precision_falls_back_to_fp32_without_bf16_units(monkeypatch):
+    import models.runtime as runtime
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    assert runtime.select_precision(torch.device("cpu")) == "fp32"
+    assert runtime.select_precision(torch.device("cpu"), "bf16") == "fp32"
+    with pytest.raises(ValueError):
+        runtime.select_precision(torch.device("cpu"), "fp16")

@@ -1,0 +1,111 @@
+"""Stage 3: Homographic Adaptation, pseudo-ground-truth keypoints for real images.
+
+    python -m vo.train adapt --detector runs/magicpoint/magicpoint.pth --out runs/ha_labels
+
+The detector runs on N_h warps of each image (the first is the identity); the
+heatmaps are unwarped and averaged over the warps that saw each pixel. NMS and a
+threshold on the average give the labels. One ``labels.npz`` collects them:
+``images`` (N,H,W) uint8, ``keypoints`` (K,2) float32 x,y, ``offsets`` (N+1,),
+``names`` (N,). Per-image results are kept in ``parts/`` so a stopped run resumes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.superpoint import build_net, logits_to_heatmap, select_keypoints, simple_nms
+from vo.datasets.real_images import load_gray, training_images
+from vo.geometry.homography import homographic_adaptation_conf, sample_homography, warp_image
+from vo.train.common import setup_cpu
+
+default_conf = {
+    "num_homographies": 100,
+    "image_size": (240, 320),
+    "batch_size": 25,
+    "nms_radius": 4,
+    "threshold": 0.015,
+    "max_keypoints": 600,
+    "seed": 0,
+    "max_images": None,   # a prefix of the image list, for quick runs
+}
+
+
+def sample_homographies(shape_hw, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n,3,3): the identity, then n-1 random warps kept inside the image."""
+    hs = [np.eye(3)] + [sample_homography(shape_hw, rng, **homographic_adaptation_conf) for _ in range(n - 1)]
+    return np.stack(hs)
+
+
+@torch.inference_mode()
+def adapted_heatmap(net, image: np.ndarray, homographies: np.ndarray, batch_size: int) -> np.ndarray:
+    """Average of the unwarped detector heatmaps over the warps that cover each pixel."""
+    h, w = image.shape
+    total = np.zeros((h, w), np.float32)
+    count = np.zeros((h, w), np.float32)
+    ones = np.ones((h, w), np.float32)
+    for start in range(0, len(homographies), batch_size):
+        hs = homographies[start:start + batch_size]
+        warped = np.stack([warp_image(image, H) for H in hs])
+        x = torch.from_numpy(warped).float()[:, None].div_(255).contiguous(memory_format=torch.channels_last)
+        heat = logits_to_heatmap(net.detect(x)).numpy()
+        for H, hm in zip(hs, heat):
+            H_inv = np.linalg.inv(H)
+            total += cv2.warpPerspective(hm, H_inv, (w, h), flags=cv2.INTER_LINEAR)
+            count += cv2.warpPerspective(ones, H_inv, (w, h), flags=cv2.INTER_NEAREST)
+    return total / np.maximum(count, 1.0)
+
+
+def heatmap_to_keypoints(heatmap: np.ndarray, conf: dict) -> np.ndarray:
+    heat = simple_nms(torch.from_numpy(heatmap)[None], conf["nms_radius"])[0]
+    kpts, _ = select_keypoints(heat, conf["threshold"], border=4, max_keypoints=conf["max_keypoints"])
+    return kpts.numpy().astype(np.float32)
+
+
+def label_image(net, path: Path, index: int, conf: dict) -> tuple[np.ndarray, np.ndarray]:
+    image = load_gray(path, conf["image_size"])
+    rng = np.random.default_rng([conf["seed"], index])
+    homographies = sample_homographies(image.shape, conf["num_homographies"], rng)
+    heatmap = adapted_heatmap(net, image, homographies, conf["batch_size"])
+    return image, heatmap_to_keypoints(heatmap, conf)
+
+
+def collect(out_dir: Path, paths: list[Path]) -> Path:
+    """Gather the per-image parts into one ``labels.npz``."""
+    images, keypoints, names = [], [], []
+    for i, path in enumerate(paths):
+        part = np.load(out_dir / "parts" / f"{i:05d}.npz")
+        images.append(part["image"])
+        keypoints.append(part["keypoints"])
+        names.append(str(path))
+    offsets = np.cumsum([0] + [len(k) for k in keypoints])
+    target = out_dir / "labels.npz"
+    np.savez_compressed(target, images=np.stack(images), keypoints=np.concatenate(keypoints),
+                        offsets=offsets, names=np.array(names))
+    return target
+
+
+def run(detector: str | Path, out_dir: str | Path, data_root: str | Path, conf: dict | None = None) -> Path:
+    conf = {**default_conf, **(conf or {})}
+    setup_cpu()
+    out_dir = Path(out_dir)
+    (out_dir / "parts").mkdir(parents=True, exist_ok=True)
+    net = build_net(detector).eval().to(memory_format=torch.channels_last)
+    paths = training_images(data_root)[:conf["max_images"]]
+    (out_dir / "conf.json").write_text(json.dumps({**conf, "detector": str(detector), "images": len(paths)}))
+    counts = []
+    for i, path in enumerate(tqdm(paths, desc="homographic adaptation", unit="img")):
+        part = out_dir / "parts" / f"{i:05d}.npz"
+        if part.exists():  # resume: this image is labelled already
+            continue
+        image, keypoints = label_image(net, path, i, conf)
+        np.savez_compressed(part, image=image, keypoints=keypoints)
+        counts.append(len(keypoints))
+    target = collect(out_dir, paths)
+    if counts:
+        print(f"labelled {len(counts)} new images, {np.mean(counts):.0f} keypoints each on average")
+    return target

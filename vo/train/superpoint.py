@@ -1,0 +1,120 @@
+"""Stage 4: SuperPoint, detector and descriptor trained jointly on homography pairs.
+
+    python -m vo.train superpoint --labels runs/ha_labels/labels.npz --init runs/magicpoint/magicpoint.pth
+
+Each sample is an image with its Homographic Adaptation labels and a random warp
+of it; both get photometric augmentation. Loss: L_p(X,Y) + L_p(X',Y') + lambda L_d.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.superpoint import SuperPointNet, build_net
+from vo.datasets.synthetic_shapes import keypoint_map, photometric_augment
+from vo.geometry.homography import filter_inside, pair_conf, sample_homography, warp_image, warp_points
+from vo.train import losses
+from vo.train.common import Checkpoint, TrainLog, export_weights, setup_cpu, step_rng
+
+default_conf = {
+    "channels": (32, 32, 64, 64, 128),
+    "batch_size": 4,          # pairs per step
+    "lr": 1e-3,
+    "steps": 4000,
+    "checkpoint_every": 50,
+    "log_every": 10,
+    "export_every": 250,
+    "seed": 0,
+    "loss": losses.default_conf,
+}
+
+
+class LabelledImages:
+    """The ``labels.npz`` written by Homographic Adaptation (or the SuperPointVO labeller)."""
+
+    def __init__(self, path: str | Path):
+        data = np.load(path)
+        self.images, self.keypoints, self.offsets = data["images"], data["keypoints"], data["offsets"]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[i], self.keypoints[self.offsets[i]:self.offsets[i + 1]]
+
+
+def make_pair(image: np.ndarray, keypoints: np.ndarray, rng: np.random.Generator):
+    """An image, its random warp, the keypoint maps of both and the homography (0 -> 1)."""
+    hw = image.shape
+    H = sample_homography(hw, rng, **pair_conf)
+    warped = warp_image(image, H)
+    warped_kpts = filter_inside(warp_points(H, keypoints), hw)
+    image0 = photometric_augment(rng, image)
+    image1 = photometric_augment(rng, warped)
+    return image0, image1, keypoint_map(keypoints, hw), keypoint_map(warped_kpts, hw), H
+
+
+def make_batch(dataset: LabelledImages, rng: np.random.Generator, batch_size: int):
+    """(2B,1,H,W) images (all first images, then all warps), (2B,H,W) keypoint maps, (B,3,3) H."""
+    pairs = [make_pair(*dataset[int(i)], rng) for i in rng.integers(0, len(dataset), batch_size)]
+    images = np.stack([p[0] for p in pairs] + [p[1] for p in pairs])
+    kp_maps = np.stack([p[2] for p in pairs] + [p[3] for p in pairs])
+    homographies = np.stack([p[4] for p in pairs])
+    images = torch.from_numpy(images).float()[:, None].div_(255).contiguous(memory_format=torch.channels_last)
+    return images, torch.from_numpy(kp_maps), torch.from_numpy(homographies).float()
+
+
+def pair_loss(net, images, kp_maps, homographies, step: int, conf: dict) -> dict:
+    """Total loss and its parts for one batch of pairs."""
+    logits, desc = net(images)
+    b = len(homographies)
+    labels = losses.keypoint_map_to_cell_labels(kp_maps, generator=torch.Generator().manual_seed(step))
+    det0 = losses.detector_loss(logits[:b], labels[:b])
+    det1 = losses.detector_loss(logits[b:], labels[b:])
+    desc_loss = losses.descriptor_loss(desc[:b], desc[b:], homographies, conf=conf["loss"])
+    total = det0 + det1 + conf["loss"]["lambda_loss"] * desc_loss
+    return {"total": total, "det": (det0 + det1) / 2, "desc": desc_loss}
+
+
+def init_net(conf: dict, init: str | Path | None) -> SuperPointNet:
+    """From MagicPoint (encoder and detector; the descriptor head stays random) or from scratch."""
+    if init is None:
+        return SuperPointNet(channels=conf["channels"])
+    return build_net(init)
+
+
+def train(labels: str | Path, run_dir: str | Path, init: str | Path | None = None,
+          conf: dict | None = None, out_name: str = "superpoint.pth") -> Path:
+    conf = {**default_conf, **(conf or {})}
+    setup_cpu()
+    run_dir = Path(run_dir)
+    dataset = LabelledImages(labels)
+    net = init_net(conf, init).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=conf["lr"])
+    checkpoint, log = Checkpoint(run_dir), TrainLog(run_dir)
+    step, _ = checkpoint.load(net, optimizer)
+    bar = tqdm(total=conf["steps"], initial=step, desc=out_name.removesuffix(".pth"), unit="step")
+    try:
+        while step < conf["steps"]:
+            batch = make_batch(dataset, step_rng(conf["seed"], step), conf["batch_size"])
+            parts = pair_loss(net, *batch, step, conf)
+            optimizer.zero_grad(set_to_none=True)
+            parts["total"].backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(det=f"{parts['det'].item():.3f}", desc=f"{parts['desc'].item():.3f}")
+            if step % conf["log_every"] == 0:
+                log.write(step, **{k: v.item() for k, v in parts.items()})
+            if step % conf["checkpoint_every"] == 0:
+                checkpoint.save(net, optimizer, step)
+            if step % conf["export_every"] == 0:
+                export_weights(net, run_dir / out_name)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {step}; resume with the same command")
+    checkpoint.save(net, optimizer, step)
+    bar.close()
+    return export_weights(net, run_dir / out_name)
