@@ -175,33 +175,63 @@ class Renderer:
         det = uu * vv - uv * uv
         self.dual_u = (vv[:, None] * self.axes_u - uv[:, None] * self.axes_v) / det[:, None]
         self.dual_v = (uu[:, None] * self.axes_v - uv[:, None] * self.axes_u) / det[:, None]
-        u, v = np.meshgrid(np.arange(camera.width), np.arange(camera.height))
-        pixels = np.stack([u.ravel(), v.ravel(), np.ones(u.size)], axis=0)
-        self.rays_cam = (np.linalg.inv(camera.K) @ pixels).T   # (P,3), z = 1
+        # Rays through pixel centres have z = 1 in the camera, so the hit distance t is depth.
+        self.pixel_u, self.pixel_v = np.meshgrid(np.arange(camera.width, dtype=np.float32),
+                                                 np.arange(camera.height, dtype=np.float32))
 
     def render(self, world_from_cam: np.ndarray) -> RenderedView:
         R, centre = world_from_cam[:3, :3], world_from_cam[:3, 3]
-        rays = (self.rays_cam @ R.T).astype(np.float32)             # (P,3) world, z_cam = 1
-        depth = np.full(len(rays), np.inf, np.float32)              # z-buffer
-        map_x = np.full(len(rays), -10, np.float32)                 # atlas coordinates
-        map_y = np.full(len(rays), -10, np.float32)
+        h, w = self.camera.height, self.camera.width
+        M = (R @ np.linalg.inv(self.camera.K)).astype(np.float32)        # pixel -> world ray
+        rays = self.pixel_u[..., None] * M[:, 0] + self.pixel_v[..., None] * M[:, 1] + M[:, 2]
+        depth = np.full((h, w), np.inf, np.float32)                        # z-buffer
+        map_x = np.full((h, w), -10, np.float32)                           # atlas coordinates
+        map_y = np.full((h, w), -10, np.float32)
         for m in np.flatnonzero(np.einsum("mi,mi->m", self.normals, centre - self.origins) > 0):
-            rel = centre - self.origins[m]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                # Ray p = centre + t * ray meets the plane where n.(p - o) = 0; t is the depth.
-                t = np.float32(-self.normals[m] @ rel) / (rays @ self.normals[m].astype(np.float32))
-                a = (rays @ self.dual_u[m].astype(np.float32)) * t + np.float32(self.dual_u[m] @ rel)
-                b = (rays @ self.dual_v[m].astype(np.float32)) * t + np.float32(self.dual_v[m] @ rel)
-                closer = (t > 1e-6) & (t < depth) & (a >= 0) & (a <= 1) & (b >= 0) & (b <= 1)
+            box = self._screen_box(m, R, centre)
+            if box is None:
+                continue
+            (x0, x1), (y0, y1) = box
+            block = np.s_[y0:y1, x0:x1]
+            t, a, b = self._intersect(m, rays[block], centre)
+            closer = (t > 1e-6) & (t < depth[block]) & (a >= 0) & (a <= 1) & (b >= 0) & (b <= 1)
             width, height = self.atlas.sizes[m]
-            depth[closer] = t[closer]
-            map_x[closer] = a[closer] * (width - 1)
-            map_y[closer] = b[closer] * (height - 1) + self.atlas.row_offsets[m]
-        shape = (self.camera.height, self.camera.width)
-        image = cv2.remap(self.atlas.image, map_x.reshape(shape), map_y.reshape(shape),
-                          cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+            depth[block][closer] = t[closer]
+            map_x[block][closer] = a[closer] * (width - 1)
+            map_y[block][closer] = b[closer] * (height - 1) + self.atlas.row_offsets[m]
+        image = cv2.remap(self.atlas.image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
         depth[~np.isfinite(depth)] = 0
-        return RenderedView(image, depth.reshape(shape))
+        return RenderedView(image, depth)
+
+    def _intersect(self, m: int, rays: np.ndarray, centre: np.ndarray):
+        """Depth t and plane coordinates (a, b) where ``centre + t * ray`` meets rectangle m."""
+        rel = centre - self.origins[m]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.float32(-self.normals[m] @ rel) / (rays @ self.normals[m].astype(np.float32))
+            a = (rays @ self.dual_u[m].astype(np.float32)) * t + np.float32(self.dual_u[m] @ rel)
+            b = (rays @ self.dual_v[m].astype(np.float32)) * t + np.float32(self.dual_v[m] @ rel)
+        return t, a, b
+
+    def _screen_box(self, m: int, R: np.ndarray, centre: np.ndarray, near: float = 1e-3):
+        """Pixel bounds ((x0, x1), (y0, y1)) of rectangle m clipped to z > near, or None."""
+        o, u, v = self.origins[m], self.axes_u[m], self.axes_v[m]
+        corners = (np.stack([o, o + u, o + u + v, o + v]) - centre) @ R   # camera frame
+        clipped = []
+        for p, q in zip(corners, np.roll(corners, -1, axis=0)):  # Sutherland-Hodgman, one plane
+            if p[2] > near:
+                clipped.append(p)
+            if (p[2] > near) != (q[2] > near):
+                clipped.append(p + (near - p[2]) / (q[2] - p[2]) * (q - p))
+        if not clipped:
+            return None
+        pts = np.array(clipped)
+        x = self.camera.fx * pts[:, 0] / pts[:, 2] + self.camera.cx
+        y = self.camera.fy * pts[:, 1] / pts[:, 2] + self.camera.cy
+        x0, x1 = max(int(np.floor(x.min())), 0), min(int(np.ceil(x.max())) + 1, self.camera.width)
+        y0, y1 = max(int(np.floor(y.min())), 0), min(int(np.ceil(y.max())) + 1, self.camera.height)
+        if x0 >= x1 or y0 >= y1:
+            return None
+        return (x0, x1), (y0, y1)
 
 
 @dataclass

@@ -736,9 +736,10 @@ def projection_matrix(camera: Camera, cam_from_world: np.ndarray) -> np.ndarray:
 
 
 def triangulate(xy0, xy1, pose0, pose1, camera: Camera, config: TrackerConfig):
-    """Points (N,3) in world and a mask of those passing cheirality, error and parallax checks."""
+    """Points (N,3) in world, a mask of those passing cheirality and reprojection checks,
+    and their parallax angles in degrees."""
     if len(xy0) == 0:
-        return np.zeros((0, 3)), np.zeros(0, bool)
+        return np.zeros((0, 3)), np.zeros(0, bool), np.zeros(0)
     X = cv2.triangulatePoints(projection_matrix(camera, pose0), projection_matrix(camera, pose1),
                               xy0.T.astype(np.float64), xy1.T.astype(np.float64))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -750,8 +751,8 @@ def triangulate(xy0, xy1, pose0, pose1, camera: Camera, config: TrackerConfig):
     r0, r1 = xyz - centre_of(pose0), xyz - centre_of(pose1)
     with np.errstate(divide="ignore", invalid="ignore"):
         cos = np.einsum("ij,ij->i", r0, r1) / (np.linalg.norm(r0, axis=1) * np.linalg.norm(r1, axis=1))
-    good &= cos < np.cos(np.radians(config.min_triangulation_parallax_deg))
-    return xyz, good
+    parallax = np.degrees(np.arccos(np.clip(np.nan_to_num(cos, nan=1.0), -1, 1)))
+    return xyz, good, parallax
 
 
 def triangulate_pair(new: Keyframe, old: Keyframe, camera: Camera, config: TrackerConfig):
@@ -768,8 +769,9 @@ def triangulate_pair(new: Keyframe, old: Keyframe, camera: Camera, config: Track
     dist = distance_matrix(new.descriptors[free_new], old.descriptors[free_old])
     i, j = np.nonzero(epipolar < config.max_triangulation_error)
     i, j = best_unique_pairs(i, j, dist[i, j], max_distance(new.descriptors, config), 0.8)
-    xyz, good = triangulate(old.keypoints[free_old[j]], new.keypoints[free_new[i]],
-                            old.cam_from_world, new.cam_from_world, camera, config)
+    xyz, good, parallax = triangulate(old.keypoints[free_old[j]], new.keypoints[free_new[i]],
+                                      old.cam_from_world, new.cam_from_world, camera, config)
+    good &= parallax > config.min_triangulation_parallax_deg
     return free_new[i[good]], free_old[j[good]], xyz[good]
 
 
@@ -807,12 +809,16 @@ def initialise_two_view(xy0: np.ndarray, xy1: np.ndarray, camera: Camera, config
     for R, t in candidates:
         rel = np.eye(4)
         rel[:3, :3], rel[:3, 3] = R, t / max(np.linalg.norm(t), 1e-12)
-        xyz, good = triangulate(xy0, xy1, np.eye(4), rel, camera, config)
+        xyz, good, parallax = triangulate(xy0, xy1, np.eye(4), rel, camera, config)
         if best is None or good.sum() > best[2].sum():
-            best = (rel, xyz, good)
+            best = (rel, xyz, good, parallax)
     if best is None or best[2].sum() < config.init_min_points:
         return None
-    return best
+    rel, xyz, good, parallax = best
+    if np.median(parallax[good]) < config.init_min_parallax_deg:
+        return None   # too little motion yet: depths would be unreliable
+    good &= parallax > config.min_triangulation_parallax_deg
+    return (rel, xyz, good) if good.sum() >= config.init_min_points else None
 
 
 def fundamental_score(F, xy0, xy1, sigma: float = 1.0) -> float:

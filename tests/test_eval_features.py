@@ -1,0 +1,223 @@
+"""HPatches feature metrics on cases with known answers, and ORB/SIFT through the evaluator."""
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import require_data
+from vo.eval import features as F
+
+SHAPE = (480, 640)
+
+
+def grid_keypoints(spacing=40, margin=20, shape=SHAPE):
+    """Keypoints far apart (40 px), so shifts below 10 px never change the nearest neighbour."""
+    ys, xs = np.mgrid[margin:shape[0] - margin:spacing, margin:shape[1] - margin:spacing]
+    return np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float64)
+
+
+def translation(tx, ty):
+    return np.array([[1, 0, tx], [0, 1, ty], [0, 0, 1]], np.float64)
+
+
+# ----------------------------------------------------------------------------- detector metrics
+
+def test_identity_with_identical_keypoints_is_perfect():
+    kp = grid_keypoints()
+    H = np.eye(3)
+    assert F.repeatability(kp, kp, H, SHAPE, SHAPE) == 1.0
+    assert F.localization_error(kp, kp, H, SHAPE, SHAPE) == 0.0
+    matches = np.stack([np.arange(len(kp))] * 2, 1)
+    H_est = F.estimate_homography(kp, kp, matches)
+    error = F.corner_error(H_est, H, SHAPE)
+    assert error < 1e-6
+    assert all(F.homography_correct(error, eps) for eps in F.HOMOGRAPHY_EPSILONS)
+    assert F.matching_score(kp, kp, matches, H, SHAPE, SHAPE) == 1.0
+
+
+def test_known_shifts_give_known_localization_error():
+    kp0 = grid_keypoints()
+    shifts = np.where(np.arange(len(kp0)) % 2 == 0, 1.0, 2.0)    # half by 1 px, half by 2 px
+    kp1 = kp0 + np.stack([shifts * 0.6, shifts * 0.8], 1)       # a 3-4-5 direction: length = shift
+    assert F.repeatability(kp0, kp1, np.eye(3), SHAPE, SHAPE) == 1.0
+    assert F.localization_error(kp0, kp1, np.eye(3), SHAPE, SHAPE) == pytest.approx(shifts.mean())
+    assert shifts.mean() == pytest.approx(1.5, abs=0.01)
+
+
+def test_shifts_beyond_threshold_count_against_repeatability_not_mle():
+    kp0 = grid_keypoints()
+    far = np.arange(len(kp0)) < len(kp0) // 4          # a quarter moved 10 px: no correspondence
+    kp1 = kp0 + np.where(far, 10.0, 1.0)[:, None] * np.array([1.0, 0.0])
+    assert F.repeatability(kp0, kp1, np.eye(3), SHAPE, SHAPE) == pytest.approx(1 - far.mean())
+    assert F.localization_error(kp0, kp1, np.eye(3), SHAPE, SHAPE) == pytest.approx(1.0)
+
+
+def test_only_the_shared_view_counts():
+    """A 200 px translation: keypoints leaving image 1 (or coming from outside image 0) are ignored."""
+    H = translation(200, 0)
+    kp0 = grid_keypoints()
+    kp1 = F.warp_points(H, kp0)
+    kp1 = kp1[kp1[:, 0] <= SHAPE[1] - 1]
+    kp1 = np.concatenate([kp1, [[10.0, 100.0], [50.0, 300.0]]])   # seen only by image 1
+    assert F.repeatability(kp0, kp1, H, SHAPE, SHAPE) == 1.0
+    assert F.localization_error(kp0, kp1, H, SHAPE, SHAPE) == pytest.approx(0.0, abs=1e-9)
+    assert F.shared_view_mask(kp0, H, SHAPE).sum() == len(kp1) - 2
+
+
+def test_empty_shared_view_is_undefined_not_zero():
+    kp = grid_keypoints()
+    H = translation(1000, 0)  # nothing of image 0 lands in image 1
+    assert np.isnan(F.repeatability(kp, kp, H, SHAPE, SHAPE))
+    assert np.isnan(F.localization_error(kp, kp, H, SHAPE, SHAPE))
+
+
+# ----------------------------------------------------------------------------- homography
+
+def test_corner_error_of_a_shifted_estimate():
+    H_gt = np.array([[0.9, 0.1, 20], [-0.05, 1.1, 5], [1e-4, 2e-5, 1]])
+    H_est = translation(0, 2) @ H_gt      # every warped corner 2 px lower
+    error = F.corner_error(H_est, H_gt, SHAPE)
+    assert error == pytest.approx(2.0)
+    assert [F.homography_correct(error, eps) for eps in (1, 3, 5)] == [False, True, True]
+
+
+def test_failed_estimates_are_incorrect():
+    kp = grid_keypoints()
+    assert F.estimate_homography(kp, kp, np.array([[0, 0], [1, 1], [2, 2]])) is None
+    assert F.corner_error(None, np.eye(3), SHAPE) == float("inf")
+    assert not F.homography_correct(F.corner_error(None, np.eye(3), SHAPE), 5)
+
+
+def test_estimate_recovers_a_homography_despite_outliers():
+    rng = np.random.default_rng(0)
+    H_gt = np.array([[1.1, 0.05, -30], [0.02, 0.95, 12], [2e-4, -1e-4, 1]])
+    kp0 = rng.uniform([0, 0], [639, 479], (200, 2))
+    kp1 = F.warp_points(H_gt, kp0)
+    kp1[:60] = rng.uniform([0, 0], [639, 479], (60, 2))            # 30 % wrong matches
+    matches = np.stack([np.arange(200)] * 2, 1)
+    assert F.corner_error(F.estimate_homography(kp0, kp1, matches), H_gt, SHAPE) < 0.1
+
+
+# ----------------------------------------------------------------------------- resizing
+
+def test_resize_matrix_follows_cv2_resize_pixel_centres():
+    """A blob at (x, y) must land where resize_matrix says after cv2.resize (no half-pixel bias)."""
+    image = np.zeros((120, 160), np.float32)
+    x, y = 53.0, 71.0
+    image[int(y), int(x)] = 1.0
+    image = cv2.GaussianBlur(image, (0, 0), 3)
+    to_hw = (300, 120)                       # up in y, down in x: both directions at once
+    resized = cv2.resize(image, to_hw[::-1], interpolation=cv2.INTER_LINEAR)
+    ys, xs = np.mgrid[:to_hw[0], :to_hw[1]]
+    centroid = np.array([(xs * resized).sum(), (ys * resized).sum()]) / resized.sum()
+    expected = F.warp_points(F.resize_matrix((120, 160), to_hw), [[x, y]])[0]
+    assert np.allclose(centroid, expected, atol=0.05)
+
+
+def test_adapted_homography_composes_the_resizes():
+    H = np.array([[1.2, 0.1, 5], [0.0, 0.9, -3], [1e-4, 0, 1]])
+    from_hw0, to_hw0, from_hw1, to_hw1 = (1024, 768), (640, 480), (900, 700), (640, 480)
+    H_small = F.adapt_homography(H, from_hw0, to_hw0, from_hw1, to_hw1)
+    pts = np.array([[10.0, 20.0], [700.0, 1000.0], [384.0, 512.0]])
+    via_original = F.warp_points(F.resize_matrix(from_hw1, to_hw1), F.warp_points(H, pts))
+    direct = F.warp_points(H_small, F.warp_points(F.resize_matrix(from_hw0, to_hw0), pts))
+    assert np.allclose(direct, via_original)
+    assert F.oriented_size((1024, 768)) == (640, 480) and F.oriented_size((512, 768)) == (480, 640)
+
+
+# ----------------------------------------------------------------------------- descriptor metrics
+
+def test_identical_descriptors_give_perfect_nn_map():
+    rng = np.random.default_rng(1)
+    kp = grid_keypoints()
+    desc = rng.normal(size=(len(kp), 256))
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    assert F.nn_map(desc, desc, kp, kp, np.eye(3)) == pytest.approx(1.0)
+    binary = rng.integers(0, 256, (len(kp), 32), dtype=np.uint8)    # ORB-like, Hamming distance
+    assert F.nn_map(binary, binary, kp, kp, np.eye(3)) == pytest.approx(1.0)
+
+
+def test_random_descriptors_give_low_nn_map():
+    rng = np.random.default_rng(2)
+    kp = grid_keypoints()
+    desc0, desc1 = rng.normal(size=(2, len(kp), 256))
+    # Chance level is about 1 / len(kp) (~0.005): the NN is right only by luck.
+    assert F.nn_map(desc0, desc1, kp, kp, np.eye(3)) < 0.05
+
+
+def test_nn_map_is_the_area_under_precision_recall():
+    """Half the queries find their true partner (descriptor distance 0), half a wrong keypoint
+    (distance > 0), in both directions: precision is 1 up to recall 0.5 and the wrong ones
+    add no area, so the AP is 0.5, not the 1.0 a precision-only score would give."""
+    kp = grid_keypoints()[:100]
+    desc0 = np.eye(100)
+    desc1 = desc0.copy()
+    desc1[50:] = 3 * np.roll(desc0[50:], 1, axis=0)   # row k looks like keypoint k-1, from afar
+    assert F.nn_map(desc0, desc1, kp, kp, np.eye(3)) == pytest.approx(0.5)
+
+
+def test_matching_score_counts_correct_matches_over_shared_keypoints():
+    kp = grid_keypoints()
+    n = len(kp)
+    correct = np.stack([np.arange(n // 2)] * 2, 1)
+    wrong = np.stack([np.arange(n // 2, n), np.roll(np.arange(n // 2, n), 1)], 1)
+    assert F.matching_score(kp, kp, np.concatenate([correct, wrong]), np.eye(3), SHAPE, SHAPE) \
+        == pytest.approx((n // 2) / n)
+
+
+# ----------------------------------------------------------------------------- the evaluator on real data
+
+@pytest.fixture(scope="module")
+def churchill_classical():
+    from models.classical import ORB, SIFT
+    from vo.evaluate_features import MAX_KEYPOINTS, Method, evaluate_dataset, hpatches_pairs
+
+    pairs = list(hpatches_pairs(require_data("hpatches", "v_churchill")))
+    methods = [Method("ORB", ORB(max_keypoints=MAX_KEYPOINTS).extract),
+               Method("SIFT", SIFT(max_keypoints=MAX_KEYPOINTS).extract)]
+    return evaluate_dataset(methods, pairs)
+
+
+def test_classical_features_on_churchill_are_plausible(churchill_classical):
+    # Measured 2026-11 (OpenCV 4.x, 1000 points, 640x480): SIFT rep .563, MLE .93, H@1/3/5
+    # .2/.6/1.0, NN mAP .562, M. score .341; ORB rep .817 (its pyramid stacks points), H@3 .2.
+    sift, orb = churchill_classical["SIFT"], churchill_classical["ORB"]
+    assert sift["pairs"] == 5
+    assert sift["h_acc_3"] >= 0.4                         # measured 0.6 (3 of 5 pairs), minus one pair
+    assert sift["h_acc_1"] <= sift["h_acc_3"] <= sift["h_acc_5"]
+    for summary in (sift, orb):
+        assert 0.3 < summary["repeatability"] < 0.95
+        assert 0.3 < summary["mle"] < 1.5
+        assert 0.2 < summary["nn_map"] < 0.9
+        assert 0.1 < summary["matching_score"] < 0.6
+    assert sift["nn_map"] > orb["nn_map"]                 # float SIFT descriptors beat binary ORB
+
+
+def test_synthetic_pairs_have_the_right_homography():
+    """SIFT finds the seeded warp of a held-out image: the pair's H has the direction it claims."""
+    from models.classical import SIFT
+    from vo.datasets.real_images import held_out_images
+    from vo.evaluate_features import Method, WARPS, evaluate_dataset, synthetic_pairs
+
+    images = held_out_images(require_data("images", "natural", "Kodak24").parents[2])
+    pairs = list(synthetic_pairs(images, 2, seed=0, warp_conf=WARPS["pair"]))
+    summary = evaluate_dataset([Method("SIFT", SIFT(max_keypoints=1000).extract)], pairs)["SIFT"]
+    assert summary["repeatability"] > 0.3 and summary["h_acc_5"] == 1.0
+
+
+# ----------------------------------------------------------------------------- command line
+
+@pytest.mark.parametrize("argv, named", [
+    (["--data", "/nonexistent/data"], "/nonexistent/data"),
+    (["--superpoint", "/nonexistent/sp.pth"], "/nonexistent/sp.pth"),
+    (["--out", "/nonexistent/dir/report.md"], "/nonexistent/dir"),
+])
+def test_bad_paths_fail_with_one_line(argv, named, capsys):
+    from vo.evaluate_features import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:     # argparse-level checks exit directly
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert named in err and "Traceback" not in err and len(err.splitlines()) == 1

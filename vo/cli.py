@@ -1,0 +1,190 @@
+"""``run_vo.py``: a sequence in, the trajectory (and map, pictures) out.
+
+    python run_vo.py [SOURCE] [--mode mono|stereo|rgbd] [--features superpoint|orb|sift]
+                     [--matcher superglue|mnn] [--out FILE --format tum|kitti|euroc] ...
+
+With no SOURCE it runs the bundled sample. Whatever happens (bad frames, Ctrl-C, a crash
+mid-run), the trajectory tracked so far is written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_SAMPLE = ROOT / "sequences" / "rgbd_dataset_freiburg3_teddy_sample"
+EXIT_BAD_INPUT = 2
+FORMAT_SUFFIX = {"tum": ".txt", "kitti": ".txt", "euroc": ".csv"}
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="run_vo.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("source", nargs="?", default=None,
+                   help="KITTI/TUM/EuRoC folder, image folder, video file or webcam index (default: bundled sample)")
+    p.add_argument("--webcam", type=int, metavar="INDEX", help="same as giving the webcam index as SOURCE")
+    p.add_argument("--mode", choices=("mono", "stereo", "rgbd"), help="default: the richest the source allows")
+    p.add_argument("--features", choices=("superpoint", "superpointvo", "orb", "sift"),
+                   help="default: superpoint when its weights are shipped, else orb")
+    p.add_argument("--matcher", choices=("superglue", "mnn"),
+                   help="default: superglue with learned features when its weights are shipped, else mnn")
+    p.add_argument("--weights", metavar="DIR_OR_FILE", help="weights to use instead of the shipped ones")
+    p.add_argument("--calib", metavar="FILE", help="calibration YAML (fx, fy, cx, cy, distortion, baseline)")
+    p.add_argument("--out", metavar="FILE", help="trajectory file (default: outputs/<sequence>_<mode>.txt)")
+    p.add_argument("--format", choices=("tum", "kitti", "euroc"), default="tum")
+    p.add_argument("--max-frames", type=int, metavar="N")
+    p.add_argument("--max-keypoints", type=int, default=1024)
+    p.add_argument("--no-viz", action="store_true", help="no windows (also when no display is found)")
+    p.add_argument("--save-map", metavar="FILE.ply", help="map points with colour")
+    p.add_argument("--save-video", metavar="FILE.mp4", help="the tracks view, one video frame per input frame")
+    p.add_argument("--plot", metavar="FILE.png", help="trajectory against ground truth, with the ATE")
+    p.add_argument("--render-map", metavar="FILE.png", help="offscreen render of the map and trajectory")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Frontend:
+    name: str
+    extractor: object
+    matcher: object
+
+
+def shipped(pattern: str, weights: str | None) -> Path | None:
+    """The weight file for ``pattern``: in --weights (a file or a folder) or in weights/."""
+    if weights:
+        path = Path(weights)
+        if path.is_file():
+            return path if path.match(pattern) or pattern.startswith("superpoint") else None
+        found = sorted(path.glob(pattern)) if path.is_dir() else []
+        if not path.exists():
+            raise UsageError(f"{path}: no such weights file or folder")
+        return found[-1] if found else None
+    found = sorted((ROOT / "weights").glob(pattern))
+    return found[-1] if found else None
+
+
+def build_frontend(args) -> Frontend:
+    from models import build_extractor, build_matcher
+    features = args.features
+    sp_weights = shipped("superpoint_*.pth", args.weights)
+    if features is None:
+        features = "superpoint" if sp_weights else "orb"
+        if not sp_weights:
+            print("note: no SuperPoint weights shipped yet; using ORB features (see weights/README.md)")
+    if features in ("superpoint", "superpointvo"):
+        pattern = "superpointvo_*.pth" if features == "superpointvo" else "superpoint_*.pth"
+        path = shipped(pattern, args.weights)
+        if path is None:
+            raise UsageError(f"{args.weights or ROOT / 'weights'}: no {pattern} weights found")
+        extractor = build_extractor("superpoint", weights=path, max_keypoints=args.max_keypoints)
+    else:
+        extractor = build_extractor(features, max_keypoints=max(args.max_keypoints, 1500))
+    matcher_name = args.matcher
+    sg_weights = shipped("superglue_*.pth", args.weights)
+    if matcher_name is None:
+        matcher_name = "superglue" if sg_weights and features.startswith("superpoint") else "mnn"
+    if matcher_name == "superglue":
+        if sg_weights is None:
+            raise UsageError(f"{args.weights or ROOT / 'weights'}: no superglue_*.pth weights found")
+        matcher = build_matcher("superglue", weights=sg_weights)
+    else:
+        matcher = build_matcher("mnn", ratio=0.9 if features == "sift" else None)
+    return Frontend(f"{features}+{matcher_name}", extractor, matcher)
+
+
+def open_input(args):
+    from vo.datasets import open_source
+    spec = str(args.webcam) if args.webcam is not None else args.source or str(BUNDLED_SAMPLE)
+    source = open_source(spec, calib=args.calib, mode=args.mode)
+    return source, args.mode or source.modes[0]
+
+
+def default_out(source, mode: str, fmt: str) -> Path:
+    return Path("outputs") / f"{source.name}_{mode}{FORMAT_SUFFIX[fmt]}"
+
+
+def write_trajectory(result, path: Path, fmt: str) -> Path:
+    from vo.eval.trajectory import Trajectory, write_trajectory as write
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(path, Trajectory(result.stamps, result.poses), fmt)
+    return path
+
+
+def evaluate_ate(result, source):
+    """(ATE stats, alignment name, aligned estimate, paired GT) or None without ground truth."""
+    if source.ground_truth is None or result.num_frames < 3:
+        return None
+    from vo.eval.metrics import align, ate_errors, ErrorStats
+    from vo.eval.trajectory import Trajectory, associate
+    est, gt = associate(Trajectory(result.stamps, result.poses), Trajectory(*source.ground_truth))
+    if len(est) < 3:
+        return None
+    method = "sim3" if result.mode == "mono" else "se3"
+    aligned, _ = align(est, gt, method)
+    return ErrorStats.of(ate_errors(aligned, gt)), method, aligned, gt
+
+
+def summary(result, frontend: Frontend, source, ate, out: Path) -> str:
+    lines = [
+        f"sequence     {source.name} ({source.kind}, {result.mode}), frontend {frontend.name}",
+        f"frames       {result.num_frames} at {result.fps:.1f} FPS"
+        + (f"  (stopped early: {result.error})" if result.interrupted else ""),
+        f"keyframes    {result.num_keyframes}, map points {result.num_map_points}",
+        f"events       lost {result.count('lost')}, relocalised {result.count('relocalised')}, "
+        f"new segments {result.count('new_segment')}",
+    ]
+    if ate is not None:
+        stats, method, _, _ = ate
+        lines.append(f"ATE          rmse {100 * stats.rmse:.2f} cm ({method}-aligned, {stats.count} poses)")
+    else:
+        lines.append("ATE          n/a (no ground truth)")
+    lines.append(f"trajectory   {out}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from vo.pipeline import run as run_pipeline
+    from tqdm import tqdm
+    source, mode = open_input(args)
+    frontend = build_frontend(args)
+    total = source.frame_count(mode) if source.kind != "webcam" else None
+    if total is not None and args.max_frames:
+        total = min(total, args.max_frames)
+    bar = tqdm(total=total, desc=f"{source.name} {mode}", unit="frame")
+
+    def on_frame(frame, snapshot):
+        bar.update(1)
+        bar.set_postfix(state=snapshot.state.name.lower(), pts=snapshot.num_points)
+
+    result = run_pipeline(source, mode, frontend.extractor, frontend.matcher,
+                          on_frame=on_frame, max_frames=args.max_frames)
+    bar.close()
+    out = write_trajectory(result, Path(args.out) if args.out else default_out(source, mode, args.format), args.format)
+    ate = evaluate_ate(result, source)
+    print(summary(result, frontend, source, ate, out))
+    return 0 if not result.interrupted or "KeyboardInterrupt" in (result.error or "") else 1
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from models.weights import WeightsError
+    from vo.datasets import SourceError
+    try:
+        return run(args)
+    except (UsageError, SourceError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
