@@ -50,12 +50,16 @@ class TrackHistory:
     """Per-track trails over the last ``length`` frames, keyed by a track / map point id.
 
     Memory is bounded: each trail keeps at most ``length`` points, and a track unseen for
-    more than ``max_gap`` frames is forgotten.
+    more than ``max_gap`` frames is forgotten. A track that jumps more than ``max_jump``
+    pixels restarts: map point ids are slots that get reused, and a reused id must not
+    draw a line across the image.
     """
 
-    def __init__(self, length: int = 20, max_gap: int = 2, match_radius: float = 10.0):
+    def __init__(self, length: int = 20, max_gap: int = 2, match_radius: float = 10.0,
+                 max_jump: float = 100.0):
         self.length = length
         self.max_gap = max_gap
+        self.max_jump = max_jump
         self.match_radius = match_radius   # pixels, only for chaining tracks without ids
         self._tracks: dict[int, _Track] = {}
         self._frame = -1
@@ -91,10 +95,10 @@ class TrackHistory:
         if track_id < 0:   # untracked keypoint: a trail of one point, nothing remembered
             return Trail(track_id, xy[None].copy(), 1)
         track = self._tracks.get(track_id)
-        if track is None:
-            track = self._tracks[track_id] = _Track(deque(maxlen=self.length))
-        elif track.last_seen == self._frame:   # a second keypoint claims the same id this frame
+        if track is not None and track.last_seen == self._frame:   # a second keypoint, same id
             return Trail(track_id, xy[None].copy(), 1)
+        if track is None or np.hypot(*(xy - track.points[-1])) > self.max_jump:
+            track = self._tracks[track_id] = _Track(deque(maxlen=self.length))
         track.points.append(xy.copy())
         track.age += 1
         track.last_seen = self._frame
