@@ -55,6 +55,8 @@ class BAStats:
     num_observations: int
     num_culled: int = 0
     converged: bool = True
+    iterations: int = 0
+    seconds: float = 0.0         # solver time
 
 
 def reprojection_errors(problem: BAProblem, poses=None, points=None) -> np.ndarray:
@@ -100,7 +102,9 @@ def bundle_adjust(problem: BAProblem, config: BAConfig = BAConfig()) -> tuple[np
     final = reprojection_errors(problem, poses, points)
     stats = BAStats(_mean_finite(initial), _mean_finite(final), len(poses), int(problem.fixed_poses.sum()),
                     len(points), len(problem.obs_pose),
-                    converged=summary.termination_type != pycolmap.BundleAdjustmentTerminationType.FAILURE)
+                    converged=summary.termination_type != pycolmap.BundleAdjustmentTerminationType.FAILURE,
+                    iterations=summary.ceres_summary.num_successful_steps + summary.ceres_summary.num_unsuccessful_steps,
+                    seconds=summary.ceres_summary.total_time_in_seconds)
     return poses, points, stats
 
 

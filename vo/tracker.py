@@ -110,8 +110,9 @@ class TrackerSnapshot:
     world_from_cam: np.ndarray
     num_matches: int
     is_keyframe: bool
-    num_keyframes: int
-    num_points: int
+    num_keyframes: int           # created so far
+    num_active_keyframes: int    # held in memory (bounded by config.max_keyframes)
+    num_points: int              # in memory
     keypoints: np.ndarray        # tracked keypoints of this frame
     event: str | None = None
 
@@ -183,7 +184,8 @@ class Tracker:
         return TrackerSnapshot(
             frame_index=obs.frame.index, state=self.state, world_from_cam=self.pose_of(self.trajectory[-1]),
             num_matches=len(keypoint_idx), is_keyframe=self._is_keyframe,
-            num_keyframes=len(self.map.keyframe_poses), num_points=len(self.map.points),
+            num_keyframes=len(self.map.keyframe_poses), num_active_keyframes=len(self.map.keyframes),
+            num_points=len(self.map.points),
             keypoints=obs.keypoints[keypoint_idx], event=self._event)
 
     # --- trajectory --------------------------------------------------------------------
@@ -272,7 +274,10 @@ class Tracker:
             return False
         ref_ids = ref.point_ids[ref.point_ids != NO_POINT]
         ref_ids = ref_ids[self.map.points.alive[ref_ids]]
-        if len(keypoint_idx) < cfg.keyframe_tracked_ratio * len(ref_ids):
+        # Only points confirmed by several keyframes count, as in ORB-SLAM.
+        min_observations = 3 if len(self.map.keyframes) > 2 else 2
+        ref_tracked = int((self.map.num_observations(ref_ids) >= min_observations).sum())
+        if len(keypoint_idx) < cfg.keyframe_tracked_ratio * ref_tracked:
             return True
         if self.mode == "mono":
             return median_parallax_deg(self.map.points.xyz[point_ids], ref.centre,

@@ -65,7 +65,7 @@ def descriptor_correspondence(homographies: torch.Tensor, hc: int, wc: int, cell
     centres = cell_centres(hc, wc, cell, homographies.device)
     warped = warp_points_torch(centres, homographies)                   # (B,Nc,2)
     dist = torch.cdist(warped, centres[None].expand(len(warped), -1, -1))
-    return (dist <= cell).float()
+    return (dist < cell).float()   # strict: the 4-neighbours sit exactly one cell away
 
 
 def descriptor_loss(desc0: torch.Tensor, desc1: torch.Tensor, homographies: torch.Tensor,

@@ -1,0 +1,92 @@
+"""Training: labels, losses where the maths says zero or positive, learning, resuming."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.superpoint import SuperPointNet
+from vo.eval.detection import detection_map
+from vo.train import losses, magicpoint
+
+SLIM = (8, 8, 16, 16, 32)
+
+
+def test_cell_labels_pick_the_keypoint_position_or_the_dustbin():
+    kp_map = torch.zeros(1, 16, 24)
+    kp_map[0, 13, 21] = 1                       # cell (1, 2), row 5, column 5 inside it
+    labels = losses.keypoint_map_to_cell_labels(kp_map)
+    assert labels[0, 1, 2] == 5 * 8 + 5
+    assert (labels == 64).sum() == 5            # every other cell is empty
+
+
+def test_detector_loss_is_zero_when_confident_and_right_positive_when_wrong():
+    labels = torch.tensor([[[3, 64]]])
+    logits = torch.full((1, 65, 1, 2), -50.0)
+    logits[0, 3, 0, 0] = logits[0, 64, 0, 1] = 50.0
+    assert losses.detector_loss(logits, labels) < 1e-6
+    assert losses.detector_loss(logits, torch.tensor([[[4, 64]]])) > 10
+    # the wrong cell carries no loss once it is outside the valid region
+    valid = torch.ones(1, 8, 16)
+    valid[:, :, :8] = 0
+    assert losses.detector_loss(logits, torch.tensor([[[4, 64]]]), valid_mask=valid) < 1e-6
+
+
+def test_descriptor_loss_zero_for_orthogonal_cells_positive_otherwise():
+    hc, wc = 3, 4
+    n = hc * wc
+    desc = torch.eye(n).reshape(1, n, hc, wc)          # each cell its own axis: dot 1 with itself, 0 else
+    identity = torch.eye(3)[None]
+    s = losses.descriptor_correspondence(identity, hc, wc)
+    assert torch.equal(s[0], torch.eye(n))
+    assert losses.descriptor_loss(desc, desc, identity) < 1e-7
+    assert losses.descriptor_loss(desc, -desc, identity) > 1.0       # positives pushed apart
+    same = torch.ones(1, n, hc, wc)                                  # all cells alike: negatives too close
+    assert losses.descriptor_loss(same, same, identity) > 0.5
+
+
+def test_descriptor_correspondence_follows_the_homography():
+    shift = torch.tensor([[[1.0, 0, 8], [0, 1, 0], [0, 0, 1]]])     # one cell to the right
+    s = losses.descriptor_correspondence(shift, 2, 3)[0]
+    assert s[0, 1] == 1 and s[0, 0] == 0 and s[2].sum() == 0          # the last column leaves the image
+
+
+def test_detection_map_is_one_for_perfect_and_low_for_random_detections():
+    rng = np.random.default_rng(0)
+    truths = [rng.uniform(0, 100, (10, 2)) for _ in range(5)]
+    perfect = [(t + 0.5, np.linspace(1, 0.5, len(t))) for t in truths]
+    assert detection_map(perfect, truths) == 1.0
+    random = [(rng.uniform(0, 100, (10, 2)), rng.random(10)) for _ in truths]
+    assert detection_map(random, truths) < 0.2
+
+
+def test_a_few_steps_lower_the_magicpoint_loss():
+    torch.manual_seed(0)
+    from vo.datasets import synthetic_shapes as shapes
+    rng = np.random.default_rng(0)
+    pairs = [shapes.render_shape(rng, family="polygon") for _ in range(8)]
+    images = torch.from_numpy(np.stack([p[0] for p in pairs])).float()[:, None] / 255
+    kp_maps = torch.from_numpy(np.stack([shapes.keypoint_map(p[1], p[0].shape) for p in pairs]))
+    labels = losses.keypoint_map_to_cell_labels(kp_maps, generator=torch.Generator().manual_seed(0))
+    net = SuperPointNet(channels=SLIM)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    history = []
+    for _ in range(15):
+        loss = losses.detector_loss(net.detect(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert history[-1] < 0.5 * history[0]
+
+
+def test_a_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one(tmp_path):
+    conf = {"channels": SLIM, "batch_size": 2, "cache_size": 16, "eval_size": 2, "eval_every": 1000,
+            "checkpoint_every": 1, "log_every": 1}
+    torch.manual_seed(0)
+    straight = magicpoint.train(tmp_path / "a" / "run", {**conf, "steps": 4})
+    torch.manual_seed(0)
+    magicpoint.train(tmp_path / "b" / "run", {**conf, "steps": 2})
+    resumed = magicpoint.train(tmp_path / "b" / "run", {**conf, "steps": 4})
+    a, b = torch.load(straight), torch.load(resumed)
+    assert all(torch.allclose(a[k], b[k]) for k in a)
+    assert (tmp_path / "b" / "run" / "log.txt").read_text().count("loss=") == 4
