@@ -13,6 +13,7 @@ load unchanged. The computation is the released maths, reorganised for speed:
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -57,27 +58,23 @@ def fold_batchnorm(conv: nn.Conv1d, bn: nn.BatchNorm1d) -> tuple[torch.Tensor, t
 def run_mlp(mlp: nn.Sequential, x: torch.Tensor, segments: list[int]) -> torch.Tensor:
     """Apply a released-layout MLP to rows ``x`` (B, N, Cin) -> (B, N, Cout).
 
-    ``segments`` are the per-image token counts concatenated in ``x``. In training
-    the released model normalises each image's tokens separately (one call per
-    image), so BatchNorm statistics are taken per segment; in eval BN is folded.
+    ``segments`` are the per-image token counts concatenated in ``x``. The released
+    model calls its MLPs once per image, so in training BatchNorm takes statistics
+    per segment; in eval each BatchNorm is folded into the conv before it.
     """
     layers = list(mlp)
-    i = 0
-    while i < len(layers):
-        conv = layers[i]
+    for i, conv in enumerate(layers):
+        if not isinstance(conv, nn.Conv1d):
+            continue
         bn = layers[i + 1] if i + 1 < len(layers) and isinstance(layers[i + 1], nn.BatchNorm1d) else None
-        if bn is not None and not bn.training:
-            x = F.linear(x, *fold_batchnorm(conv, bn))
+        if bn is None:  # the last conv: no norm, no ReLU
+            x = F.linear(x, conv.weight[..., 0], conv.bias)
+        elif not bn.training:
+            x = F.relu(F.linear(x, *fold_batchnorm(conv, bn)))
         else:
             x = F.linear(x, conv.weight[..., 0], conv.bias)
-            if bn is not None:
-                parts = x.split(segments, dim=1)
-                x = torch.cat([bn(p.reshape(-1, p.shape[-1])).view_as(p) for p in parts], dim=1)
-        if bn is not None:
+            x = torch.cat([bn(p.reshape(-1, p.shape[-1])).view_as(p) for p in x.split(segments, dim=1)], dim=1)
             x = F.relu(x)
-            i += 3
-        else:
-            i += 1
     return x
 
 
@@ -110,7 +107,8 @@ class MultiHeadedAttention(nn.Module):
         self.num_heads = num_heads
         self.dim = d_model // num_heads
         self.merge = nn.Conv1d(d_model, d_model, kernel_size=1)
-        self.proj = nn.ModuleList([nn.Conv1d(d_model, d_model, kernel_size=1) for _ in range(3)])
+        # The released init: q, k, v start as copies of merge.
+        self.proj = nn.ModuleList([copy.deepcopy(self.merge) for _ in range(3)])
 
     def head_major(self) -> torch.Tensor:
         """Channel permutation to head-major order.
@@ -329,7 +327,9 @@ class SuperGlue(nn.Module):
         scores = torch.cat([data["scores0"], data["scores1"]], 1).to(kpts)
         dtype = self.final_proj.weight.dtype  # fp32 normally; float64 in numerical tests
         x = torch.cat([desc0, desc1], 1).to(dtype)
-        x = x + self.kenc(kpts, scores, segments).to(x.dtype)
+        # The encoder is tiny; in bf16 the normalised positions would be quantised to ~3 px.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x + self.kenc(kpts.to(dtype), scores.to(dtype), segments)
         x = self.gnn(x, segments)
         # Scores and transport in fp32: bf16/fp16 rounding of S_ij flips near-tied argmaxes.
         with torch.autocast(device_type=x.device.type, enabled=False):

@@ -25,10 +25,19 @@ default_conf = {
 }
 
 
-class SuperPointNet(nn.Module):
-    """The bare network: image (B,1,H,W) in [0,1] -> logits (B,65,H/8,W/8), descriptors (B,D,H/8,W/8)."""
+NORMALISED_CONVS = ("conv1a", "conv1b", "conv2a", "conv2b", "conv3a", "conv3b", "conv4a", "conv4b",
+                    "convPa", "convDa")
 
-    def __init__(self, descriptor_dim: int = 256, channels=(64, 64, 128, 128, 256)):
+
+class SuperPointNet(nn.Module):
+    """The bare network: image (B,1,H,W) in [0,1] -> logits (B,65,H/8,W/8), descriptors (B,D,H/8,W/8).
+
+    ``batch_norm=True`` adds BatchNorm after every 3x3 conv, for training only: deep ReLU
+    stacks without it sit for thousands of steps on the all-dustbin answer. Export folds
+    the norms into the convs (``folded_state_dict``), so shipped files keep the official layout.
+    """
+
+    def __init__(self, descriptor_dim: int = 256, channels=(64, 64, 128, 128, 256), batch_norm: bool = False):
         super().__init__()
         c1, c2, c3, c4, c5 = channels
         conv = lambda i, o, k=3: nn.Conv2d(i, o, kernel_size=k, stride=1, padding=k // 2)
@@ -38,23 +47,39 @@ class SuperPointNet(nn.Module):
         self.conv4a, self.conv4b = conv(c3, c4), conv(c4, c4)
         self.convPa, self.convPb = conv(c4, c5), conv(c5, 65, 1)
         self.convDa, self.convDb = conv(c4, c5), conv(c5, descriptor_dim, 1)
+        self.norms = nn.ModuleDict({name: nn.BatchNorm2d(getattr(self, name).out_channels)
+                                    for name in NORMALISED_CONVS}) if batch_norm else None
+
+    def block(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """conv (+ norm) + ReLU."""
+        x = getattr(self, name)(x)
+        return F.relu(self.norms[name](x) if self.norms is not None else x)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        relu, pool = F.relu, F.max_pool2d
-        x = relu(self.conv1b(relu(self.conv1a(x))))
-        x = relu(self.conv2b(relu(self.conv2a(pool(x, 2)))))
-        x = relu(self.conv3b(relu(self.conv3a(pool(x, 2)))))
-        return relu(self.conv4b(relu(self.conv4a(pool(x, 2)))))
+        pool = F.max_pool2d
+        x = self.block("conv1b", self.block("conv1a", x))
+        x = self.block("conv2b", self.block("conv2a", pool(x, 2)))
+        x = self.block("conv3b", self.block("conv3a", pool(x, 2)))
+        return self.block("conv4b", self.block("conv4a", pool(x, 2)))
 
     def detect(self, image: torch.Tensor) -> torch.Tensor:
         """Detector logits only (MagicPoint training and homographic adaptation)."""
-        return self.convPb(F.relu(self.convPa(self.encode(image))))
+        return self.convPb(self.block("convPa", self.encode(image)))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encode(image)
-        logits = self.convPb(F.relu(self.convPa(features)))
-        descriptors = self.convDb(F.relu(self.convDa(features)))
+        logits = self.convPb(self.block("convPa", features))
+        descriptors = self.convDb(self.block("convDa", features))
         return logits, descriptors
+
+    def folded_state_dict(self) -> dict[str, torch.Tensor]:
+        """The official layout, with each BatchNorm (eval statistics) folded into its conv."""
+        state = {k: v.detach().float().clone() for k, v in self.state_dict().items() if not k.startswith("norms.")}
+        for name, norm in (self.norms or {}).items():
+            scale = norm.weight.detach() / torch.sqrt(norm.running_var + norm.eps)
+            state[f"{name}.weight"] = state[f"{name}.weight"] * scale.view(-1, 1, 1, 1)
+            state[f"{name}.bias"] = (state[f"{name}.bias"] - norm.running_mean) * scale + norm.bias.detach()
+        return state
 
 
 def channels_from_state_dict(state: dict) -> tuple[int, ...]:

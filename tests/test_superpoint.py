@@ -136,3 +136,17 @@ def test_default_precision_falls_back_to_fp32_without_bf16_units(monkeypatch):
     assert runtime.select_precision(torch.device("cpu"), "bf16") == "fp32"
     with pytest.raises(ValueError):
         runtime.select_precision(torch.device("cpu"), "fp16")
+
+
+def test_folding_batch_norm_keeps_the_outputs_and_the_official_layout():
+    torch.manual_seed(0)
+    net = SuperPointNet(channels=(8, 8, 16, 16, 32), batch_norm=True)
+    x = torch.rand(2, 1, 32, 48)
+    net.train()
+    for _ in range(3):
+        net(x)                                  # move the running statistics off their defaults
+    net.eval()
+    plain = SuperPointNet(channels=(8, 8, 16, 16, 32))
+    plain.load_state_dict(net.folded_state_dict(), strict=True)
+    for a, b in zip(net(x), plain(x)):
+        assert torch.allclose(a, b, atol=1e-4)

@@ -76,5 +76,9 @@ def export_weights(model: torch.nn.Module, path: str | Path) -> Path:
     """Save a plain fp32 state dict in the official layout (what ``SuperPoint(weights=...)`` reads)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}, path)
+    folded = getattr(model, "folded_state_dict", None)
+    state = folded() if folded else {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
     return path

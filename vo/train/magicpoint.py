@@ -96,7 +96,7 @@ def train(run_dir: str | Path, conf: dict | None = None) -> Path:
     eval_sets = {noise: render_eval_set(conf["eval_size"], 10_000 + i, conf["image_size"], noise == "noisy")
                  for i, noise in enumerate(("clean", "noisy"))}
 
-    net = SuperPointNet(channels=conf["channels"]).to(memory_format=torch.channels_last).train()
+    net = SuperPointNet(channels=conf["channels"], batch_norm=True).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=conf["lr"])
     checkpoint, log = Checkpoint(run_dir), TrainLog(run_dir)
     step, _ = checkpoint.load(net, optimizer)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.superpoint import SuperPointNet, build_net
+from models.superpoint import SuperPointNet, build_net, channels_from_state_dict
 from vo.datasets.synthetic_shapes import keypoint_map, photometric_augment
 from vo.geometry.homography import filter_inside, pair_conf, sample_homography, warp_image, warp_points
 from vo.train import losses
@@ -80,10 +80,16 @@ def pair_loss(net, images, kp_maps, homographies, step: int, conf: dict) -> dict
 
 
 def init_net(conf: dict, init: str | Path | None) -> SuperPointNet:
-    """From MagicPoint (encoder and detector; the descriptor head stays random) or from scratch."""
+    """From MagicPoint (encoder and detector; the descriptor head stays random) or from scratch.
+
+    Training runs with BatchNorm; the initial weights are the folded ones of the stage before.
+    """
     if init is None:
-        return SuperPointNet(channels=conf["channels"])
-    return build_net(init)
+        return SuperPointNet(channels=conf["channels"], batch_norm=True)
+    start = build_net(init)
+    net = SuperPointNet(channels=channels_from_state_dict(start.state_dict()), batch_norm=True)
+    net.load_state_dict(start.state_dict(), strict=False)   # the norms start as identities
+    return net
 
 
 def train(labels: str | Path, run_dir: str | Path, init: str | Path | None = None,
