@@ -87,6 +87,11 @@ def test_failed_estimates_are_incorrect():
     assert not F.homography_correct(F.corner_error(None, np.eye(3), SHAPE), 5)
 
 
+def test_homography_accuracy_is_the_fraction_correct():
+    errors = [0.5, 2.0, 4.0, float("inf")]           # the last one: estimation failed
+    assert [F.homography_accuracy(errors, eps) for eps in (1, 3, 5)] == [0.25, 0.5, 0.75]
+
+
 def test_estimate_recovers_a_homography_despite_outliers():
     rng = np.random.default_rng(0)
     H_gt = np.array([[1.1, 0.05, -30], [0.02, 0.95, 12], [2e-4, -1e-4, 1]])

@@ -10,8 +10,9 @@ Runs MagicPoint, SuperPoint(s), ORB and SIFT in one go on
     (`pair_conf`) and once with stronger ones (`strong_conf`: more zoom, perspective
     and content leaving the view).
 Images are evaluated at 480x640 (portrait HPatches images at 640x480) with at most
-1000 keypoints each. Matches are mutual nearest neighbours of the keypoints in the
-shared view. MagicPoint's descriptors are untrained, so only its detector metrics are shown.
+1000 keypoints each: the extractor's best 1000 over the whole image, as a VO front end
+gets them (rpautrat picks the best 1000 inside the shared view instead). Matches are
+mutual nearest neighbours of the keypoints in the shared view. MagicPoint's descriptors are untrained, so only its detector metrics are shown.
 Bad inputs print one line naming the file and exit with code 2.
 """
 from __future__ import annotations
@@ -35,13 +36,15 @@ SIZE_HW = (480, 640)
 MAX_KEYPOINTS = 1000
 HPATCHES_SEQUENCE = ("hpatches", "v_churchill")
 
-# Stronger than the training warps: zoom up to ~1.7x (patch_ratio 0.6 and scale),
-# keystone up to 0.3 of the size, and up to 10 % of the view leaving the source
-# (black borders, as the HPatches viewpoint sequences lose content). The rotation
-# stays at +-45 degrees: SuperPoint is not trained for larger ones, and neither are
-# the paper's HPatches numbers.
-strong_conf = {**pair_conf, "patch_ratio": 0.6, "scaling_amplitude": 0.3,
-               "perspective_amplitude_x": 0.3, "perspective_amplitude_y": 0.3,
+# Stronger than the training warps (pair_conf), measured over 300 draws: zoom at the
+# centre 1.1 / 1.4 / 1.9 (5th / 50th / 95th percentile; pair_conf 1.1 / 1.2 / 1.4), ratio of
+# the local scales at the corners (perspective) median 1.9 (pair_conf 1.2; v_churchill's
+# pairs 1.4 to 6), and 3 % of the view on average (at most 35 %) coming from outside the
+# source, black as the lost content of HPatches' viewpoint sequences. Rotation stays
+# within +-45 degrees like pair_conf: SuperPoint is not trained for more, and HPatches'
+# viewpoint pairs rotate little (v_churchill: up to 13 degrees).
+strong_conf = {**pair_conf, "patch_ratio": 0.7, "scaling_amplitude": 0.25,
+               "perspective_amplitude_x": 0.15, "perspective_amplitude_y": 0.15,
                "allow_artifacts": True, "translation_overflow": 0.1}
 WARPS = {"pair": pair_conf, "strong": strong_conf}
 
@@ -187,7 +190,7 @@ def summarize(records: list[dict]) -> dict:
     if records and "corner_error" in records[0]:
         corner = np.array([r["corner_error"] for r in records], float)
         for eps in F.HOMOGRAPHY_EPSILONS:
-            summary[f"h_acc_{eps}"] = float(np.mean([F.homography_correct(e, eps) for e in corner]))
+            summary[f"h_acc_{eps}"] = F.homography_accuracy(corner, eps)
         summary["nn_map"] = nanmean(np.array([r["nn_map"] for r in records], float))
         summary["matching_score"] = nanmean(np.array([r["matching_score"] for r in records], float))
     return summary

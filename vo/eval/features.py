@@ -82,7 +82,7 @@ def _shared_keypoints(kp0, kp1, H, shape0, shape1):
 
 # ----------------------------------------------------------------------------- detector metrics
 
-def correspondence_distances(kp0, kp1, H, shape0, shape1, dist: float = CORRECT_DIST):
+def correspondence_distances(kp0, kp1, H, shape0, shape1):
     """Nearest-neighbour distances (px, measured in image 1) of the shared-view keypoints.
 
     Returns (distances of image 0's keypoints to their nearest keypoint in image 1,
@@ -102,7 +102,7 @@ def repeatability(kp0, kp1, H, shape0, shape1, dist: float = CORRECT_DIST) -> fl
     (count0 + count1) / (N0 + N1) as in the SuperPoint paper; NaN when neither image has
     a keypoint in the shared view (the pair says nothing about the detector).
     """
-    d0, d1 = correspondence_distances(kp0, kp1, H, shape0, shape1, dist)
+    d0, d1 = correspondence_distances(kp0, kp1, H, shape0, shape1)
     if len(d0) + len(d1) == 0:
         return float("nan")
     return float((np.sum(d0 <= dist) + np.sum(d1 <= dist)) / (len(d0) + len(d1)))
@@ -113,7 +113,7 @@ def localization_errors(kp0, kp1, H, shape0, shape1, dist: float = CORRECT_DIST)
 
     Returned raw so a dataset can pool them, as rpautrat's ``compute_loc_error`` does.
     """
-    d0, d1 = correspondence_distances(kp0, kp1, H, shape0, shape1, dist)
+    d0, d1 = correspondence_distances(kp0, kp1, H, shape0, shape1)
     return np.concatenate([d0[d0 <= dist], d1[d1 <= dist]])
 
 
@@ -160,6 +160,12 @@ def corner_error(H_est: np.ndarray | None, H_gt: np.ndarray, shape_hw) -> float:
 def homography_correct(error: float, eps: float) -> bool:
     """The paper's correctness of an estimate: mean corner error at most eps pixels."""
     return bool(error <= eps)
+
+
+def homography_accuracy(corner_errors, eps: float) -> float:
+    """Fraction of pairs whose estimate is correct at ``eps`` (failed estimates count as wrong)."""
+    errors = np.asarray(corner_errors, np.float64)
+    return float(np.mean(errors <= eps)) if len(errors) else float("nan")
 
 
 # ----------------------------------------------------------------------------- descriptor metrics
