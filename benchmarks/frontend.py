@@ -50,18 +50,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn, device: torch.device, runs: int, warmup: int = 2) -> float:
-    """Median wall time in ms of ``fn()`` over ``runs`` calls after ``warmup`` calls."""
+def time_call(fn, device: torch.device, runs: int, warmup: int = 2) -> tuple[float, float]:
+    """Median wall and CPU (process) time in ms of ``fn()`` over ``runs`` calls after warm-up.
+
+    On a shared machine the CPU time shows what the call itself costs: with one
+    thread it approximates the wall time of an idle machine.
+    """
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
+    wall, cpu = [], []
     for _ in range(runs):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        wall.append((time.perf_counter() - start) * 1e3)
+        cpu.append((time.process_time() - start_cpu) * 1e3)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def precisions(device: torch.device, forced: list[str]) -> list[str]:
@@ -99,11 +104,11 @@ def superpoint_factory(device):
     return build
 
 
-def table(title: str, rows: list[tuple[str, str, float, float]]) -> None:
+def table(title: str, rows: list[tuple[str, str, float, float, float]]) -> None:
     print(f"\n{title}")
-    print(f"  {'input':>12}  {'precision':>9}  {'ms/call':>9}  {'speed-up':>8}")
-    for label, precision, ms, base in rows:
-        print(f"  {label:>12}  {precision:>9}  {ms:9.1f}  {base / ms:7.2f}x")
+    print(f"  {'input':>12}  {'precision':>9}  {'ms/call':>9}  {'cpu ms':>9}  {'speed-up':>8}")
+    for label, precision, ms, cpu, base in rows:
+        print(f"  {label:>12}  {precision:>9}  {ms:9.1f}  {cpu:9.1f}  {base / ms:7.2f}x")
 
 
 # ---------------------------------------------------------------- speed
@@ -116,9 +121,9 @@ def bench_superglue(device, precs, keypoints, runs) -> None:
         base = None
         for p in precs:
             sg.precision = p
-            ms = time_call(lambda: sg.match(f0, f1), device, runs)
+            ms, cpu = time_call(lambda: sg.match(f0, f1), device, runs)
             base = base or ms
-            rows.append((f"{n} kp", p, ms, base))
+            rows.append((f"{n} kp", p, ms, cpu, base))
             print(f"  superglue {n:5d} kp {p}: {ms:.1f} ms", flush=True)
     table("SuperGlue match (both sides, 18 layers, 100 Sinkhorn iterations), median ms", rows)
 
@@ -130,9 +135,9 @@ def bench_superpoint(device, precs, runs, build) -> None:
         base = None
         for p in precs:
             sp = build(p)
-            ms = time_call(lambda: sp.extract(image), device, runs)
+            ms, cpu = time_call(lambda: sp.extract(image), device, runs)
             base = base or ms
-            rows.append((f"{w}x{h}", p, ms, base))
+            rows.append((f"{w}x{h}", p, ms, cpu, base))
             print(f"  superpoint {w}x{h} {p}: {ms:.1f} ms", flush=True)
     table("SuperPoint extract (network + NMS + descriptors), median ms", rows)
 
@@ -251,6 +256,9 @@ def main(argv=None) -> None:
           f"{torch.backends.cpu.get_cpu_capability()}, fast bf16 {cpu_has_fast_bf16()}, "
           f"threads {torch.get_num_threads()}, load average {load:.1f}")
     print(f"precisions: {', '.join(precs)} (default here: {select_precision(device)})")
+    if device.type == "cpu" and load > (os.cpu_count() or 1):
+        print(f"warning: load average {load:.1f} exceeds {os.cpu_count()} CPUs; wall times are inflated "
+              "(see the cpu ms column; --threads 1 suffers least from contention)")
 
     sp_weights = resolve(args.superpoint_weights, "superpoint_*.pth")
     sg_weights = resolve(args.superglue_weights, "superglue_*.pth")

@@ -3,20 +3,21 @@
 ``TrackHistory`` remembers where each track was over the last frames, ``draw_tracks`` turns
 that into a BGR image, ``TracksWindow`` shows it (space pauses, q / Esc quits) and
 ``VideoSink`` records it. Only numpy arrays go in, so the caller decides what a track is:
-the map point a keypoint was matched to is the natural id. Without ids, tracks are chained
-by nearest neighbour between consecutive frames, which is good enough to look at.
+the map point a keypoint was matched to is the natural id. (Chaining keypoints by nearest
+neighbour instead was tried and is wrong for most tracks: ORB keypoints cluster closer
+than they move between frames, so trails need the tracker's ids.)
 """
 from __future__ import annotations
 
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
-from scipy.spatial import cKDTree
 
 from vo.viz import require_display
 
@@ -32,116 +33,118 @@ SUBPIXEL_BITS = 4    # cv2 drawing with fixed-point coordinates keeps slow trail
 # ----------------------------------------------------------------------------- history
 
 @dataclass
-class Trail:
-    """Where one track was: ``points`` oldest first, the last one is in the current frame."""
-    track_id: int
-    points: np.ndarray   # (L,2) pixels, L <= history length
-    age: int             # frames the track has been seen in; may exceed L
+class Trails:
+    """One frame's trails, in keypoint order, packed for drawing without per-point Python.
 
+    Row i of ``points`` holds trail i oldest first, right-aligned: its valid part is the
+    last ``lengths[i]`` rows, and the very last row is the keypoint in the current frame.
+    """
+    ids: np.ndarray       # (N,) track ids, negative = untracked
+    points: np.ndarray    # (N,L,2) pixels
+    lengths: np.ndarray   # (N,) valid points per trail, 1..L
+    ages: np.ndarray      # (N,) frames each track has been seen in; may exceed L
 
-@dataclass
-class _Track:
-    points: deque
-    age: int = 0
-    last_seen: int = 0
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def trail(self, i: int) -> np.ndarray:
+        return self.points[i, self.points.shape[1] - self.lengths[i]:]
+
+    @classmethod
+    def from_arrays(cls, trails: Sequence[np.ndarray]) -> "Trails":
+        """From a list of (L_i,2) arrays (oldest first); the age is taken as L_i."""
+        trails = [np.asarray(t, np.float64).reshape(-1, 2) for t in trails]
+        lengths = np.array([len(t) for t in trails], np.int64)
+        points = np.zeros((len(trails), max(lengths, default=1), 2))
+        for row, trail in zip(points, trails):
+            if len(trail):
+                row[len(row) - len(trail):] = trail
+        return cls(np.arange(len(trails)), points, lengths, lengths.copy())
 
 
 class TrackHistory:
     """Per-track trails over the last ``length`` frames, keyed by a track / map point id.
 
-    Memory is bounded: each trail keeps at most ``length`` points, and a track unseen for
-    more than ``max_gap`` frames is forgotten. A track that jumps more than ``max_jump``
-    pixels restarts: map point ids are slots that get reused, and a reused id must not
-    draw a line across the image.
+    Memory is bounded: each track keeps at most ``length`` points in a fixed array row, and
+    a track unseen for more than ``max_gap`` frames is forgotten and its row reused. A track
+    that jumps more than ``max_jump`` pixels restarts: map point ids are slots that the map
+    reuses, and a reused id must not draw a line across the image.
     """
 
-    def __init__(self, length: int = 20, max_gap: int = 2, match_radius: float = 10.0,
-                 max_jump: float = 100.0):
-        self.length = length
-        self.max_gap = max_gap
-        self.max_jump = max_jump
-        self.match_radius = match_radius   # pixels, only for chaining tracks without ids
-        self._tracks: dict[int, _Track] = {}
+    def __init__(self, length: int = 20, max_gap: int = 2, max_jump: float = 100.0, capacity: int = 1024):
+        self.length, self.max_gap, self.max_jump = length, max_gap, max_jump
         self._frame = -1
-        self._next_id = 0                  # for tracks chained without ids
-        self._heads = (np.zeros((0, 2)), np.zeros(0, np.int64))   # last frame's points and ids
+        self._row_of: dict[int, int] = {}
+        self._points = np.zeros((capacity, length, 2))
+        self._lengths = np.zeros(capacity, np.int64)
+        self._ages = np.zeros(capacity, np.int64)
+        self._last_seen = np.zeros(capacity, np.int64)
+        self._id_of_row = np.full(capacity, -1, np.int64)   # -1 = free row
+        self._free_rows = list(range(capacity - 1, -1, -1))
 
     def __len__(self) -> int:
-        return len(self._tracks)
+        return len(self._row_of)
 
-    def update(self, keypoints: np.ndarray, ids: np.ndarray | None = None) -> list[Trail]:
+    def update(self, keypoints: np.ndarray, ids: np.ndarray) -> Trails:
         """Add one frame; returns one trail per keypoint, in the order of ``keypoints``.
 
         ``ids``: (N,) track id of each keypoint (e.g. its map point); negative = untracked.
-        None chains keypoints to the previous frame's by nearest neighbour.
         """
         keypoints = np.asarray(keypoints, np.float64).reshape(-1, 2)
-        self._frame += 1
-        if ids is None:
-            ids = self._chain_by_proximity(keypoints)
         ids = np.asarray(ids, np.int64).reshape(-1)
         if len(ids) != len(keypoints):
             raise ValueError(f"{len(keypoints)} keypoints but {len(ids)} ids")
-        trails = [self._extend(int(i), xy) for i, xy in zip(ids, keypoints)]
+        self._frame += 1
+        tracked = first_occurrences(ids) & (ids >= 0)   # a repeated id this frame: no trail
+        rows = np.array([self._row(i) for i in ids[tracked]], np.int64)
+        self._append(rows, keypoints[tracked])
+
+        points = np.zeros((len(ids), self.length, 2))
+        points[:, -1] = keypoints
+        lengths, ages = np.ones(len(ids), np.int64), np.ones(len(ids), np.int64)
+        points[tracked], lengths[tracked], ages[tracked] = self._points[rows], self._lengths[rows], self._ages[rows]
         self._forget_stale()
-        self._heads = (keypoints, ids)
-        return trails
+        return Trails(ids, points, lengths, ages)
 
-    def trails(self) -> list[Trail]:
-        """Trails of the tracks seen in the latest frame."""
-        return [self._as_trail(i, t) for i, t in self._tracks.items() if t.last_seen == self._frame]
+    def _row(self, track_id: int) -> int:
+        row = self._row_of.get(track_id)
+        if row is None:
+            if not self._free_rows:
+                self._grow()
+            row = self._free_rows.pop()
+            self._row_of[track_id], self._id_of_row[row] = row, track_id
+            self._lengths[row] = self._ages[row] = 0
+        return row
 
-    def _extend(self, track_id: int, xy: np.ndarray) -> Trail:
-        if track_id < 0:   # untracked keypoint: a trail of one point, nothing remembered
-            return Trail(track_id, xy[None].copy(), 1)
-        track = self._tracks.get(track_id)
-        if track is not None and track.last_seen == self._frame:   # a second keypoint, same id
-            return Trail(track_id, xy[None].copy(), 1)
-        if track is None or np.hypot(*(xy - track.points[-1])) > self.max_jump:
-            track = self._tracks[track_id] = _Track(deque(maxlen=self.length))
-        track.points.append(xy.copy())
-        track.age += 1
-        track.last_seen = self._frame
-        return self._as_trail(track_id, track)
-
-    @staticmethod
-    def _as_trail(track_id: int, track: _Track) -> Trail:
-        return Trail(track_id, np.array(track.points), track.age)
+    def _append(self, rows: np.ndarray, xy: np.ndarray) -> None:
+        jumped = (self._lengths[rows] > 0) & (np.linalg.norm(xy - self._points[rows, -1], axis=1) > self.max_jump)
+        self._lengths[rows[jumped]] = self._ages[rows[jumped]] = 0
+        self._points[rows, :-1] = self._points[rows, 1:]   # shift left, newest point last
+        self._points[rows, -1] = xy
+        self._lengths[rows] = np.minimum(self._lengths[rows] + 1, self.length)
+        self._ages[rows] += 1
+        self._last_seen[rows] = self._frame
 
     def _forget_stale(self) -> None:
-        oldest = self._frame - self.max_gap
-        for track_id in [i for i, t in self._tracks.items() if t.last_seen < oldest]:
-            del self._tracks[track_id]
+        stale = np.flatnonzero((self._id_of_row >= 0) & (self._last_seen < self._frame - self.max_gap))
+        for row in stale:
+            del self._row_of[int(self._id_of_row[row])]
+        self._id_of_row[stale] = -1
+        self._free_rows.extend(stale.tolist())
 
-    def _chain_by_proximity(self, keypoints: np.ndarray) -> np.ndarray:
-        """Ids for keypoints without any: mutual nearest neighbours of the last frame's points.
-
-        Camera motion shifts everything at once, so a first wide pass estimates the median
-        image shift and the tight pass searches around the shifted positions.
-        """
-        previous, previous_ids = self._heads
-        ids = np.full(len(keypoints), -1, np.int64)
-        if len(previous) and len(keypoints):
-            coarse = mutual_nearest(previous, keypoints, 4 * self.match_radius)
-            shift = np.median(keypoints[coarse[1]] - previous[coarse[0]], axis=0) if len(coarse[0]) else 0.0
-            prev_idx, cur_idx = mutual_nearest(previous + shift, keypoints, self.match_radius)
-            ids[cur_idx] = previous_ids[prev_idx]
-        fresh = np.flatnonzero(ids < 0)
-        ids[fresh] = self._next_id + np.arange(len(fresh))
-        self._next_id += len(fresh)
-        return ids
+    def _grow(self) -> None:
+        extra = len(self._id_of_row)
+        self._points = np.concatenate([self._points, np.zeros_like(self._points)])
+        self._lengths, self._ages, self._last_seen = (np.concatenate([a, np.zeros(extra, np.int64)])
+                                                      for a in (self._lengths, self._ages, self._last_seen))
+        self._id_of_row = np.concatenate([self._id_of_row, np.full(extra, -1, np.int64)])
+        self._free_rows.extend(range(2 * extra - 1, extra - 1, -1))
 
 
-def mutual_nearest(a: np.ndarray, b: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (i in a, j in b) that are each other's nearest neighbour within ``radius``."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    dist_ab, nn_ab = cKDTree(b).query(a, distance_upper_bound=radius)
-    _, nn_ba = cKDTree(a).query(b, distance_upper_bound=radius)
-    i = np.flatnonzero(np.isfinite(dist_ab))
-    j = nn_ab[i]
-    mutual = nn_ba[j] == i
-    return i[mutual], j[mutual]
+def first_occurrences(ids: np.ndarray) -> np.ndarray:
+    mask = np.zeros(len(ids), bool)
+    mask[np.unique(ids, return_index=True)[1]] = True
+    return mask
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -153,30 +156,32 @@ def make_hud(frame: int, fps: float, state, tracked: int, map_points: int, **mor
             "map points": map_points, **more}
 
 
-def draw_tracks(image: np.ndarray, trails: Sequence[Trail | np.ndarray],
+def draw_tracks(image: np.ndarray, trails: Trails | Sequence[np.ndarray],
                 inlier_mask: np.ndarray | None = None, hud: dict | None = None,
                 max_age: int = 30, scale: float = 1.0) -> np.ndarray:
     """A BGR copy of ``image`` with trails, current positions and a HUD box.
 
     Trails are coloured by track age (turbo colormap: blue = new, red = ``max_age`` frames or
     more), so long, stable tracks stand out. Inliers are green dots, outliers red crosses;
-    ``inlier_mask`` is one bool per trail (None: all inliers). ``scale`` enlarges the output
-    first, which keeps small images (e.g. 320x240) legible.
+    ``inlier_mask`` is one bool per trail (None: all inliers). ``trails`` is what
+    ``TrackHistory.update`` returns, or a list of (L,2) arrays. ``scale`` enlarges the
+    output first, which keeps small images (e.g. 320x240) legible.
     """
+    if not isinstance(trails, Trails):
+        trails = Trails.from_arrays(trails)
     canvas = as_bgr(image)
     if scale != 1.0:
         canvas = cv2.resize(canvas, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-    else:
+    elif canvas is image:   # never draw on the caller's frame
         canvas = canvas.copy()
-    points = [np.asarray(getattr(t, "points", t), np.float64).reshape(-1, 2) * scale for t in trails]
-    ages = np.array([getattr(t, "age", len(p)) for t, p in zip(trails, points)], np.int64)
-    inliers = np.ones(len(points), bool) if inlier_mask is None else np.asarray(inlier_mask, bool)
-    if len(inliers) != len(points):
-        raise ValueError(f"{len(points)} trails but an inlier mask of {len(inliers)}")
+    inliers = np.ones(len(trails), bool) if inlier_mask is None else np.asarray(inlier_mask, bool).reshape(-1)
+    if len(inliers) != len(trails):
+        raise ValueError(f"{len(trails)} trails but an inlier mask of {len(inliers)}")
+    fixed = fixed_point(trails.points * scale)
     size = marker_size(canvas)
     lut = turbo_lut()
-    draw_trails(canvas, points, age_bins(ages, max_age), lut, size)
-    draw_heads(canvas, points, inliers, size)
+    draw_trails(canvas, fixed, trails.lengths, age_bins(trails.ages, max_age), lut, size)
+    draw_heads(canvas, fixed[:, -1], inliers, size)
     if hud:
         draw_hud(canvas, hud, lut, max_age)
     return canvas
@@ -198,6 +203,7 @@ def marker_size(image: np.ndarray) -> int:
     return max(1, round(min(image.shape[:2]) / 480))
 
 
+@lru_cache(maxsize=1)   # applyColorMap costs about a millisecond, every frame otherwise
 def turbo_lut() -> np.ndarray:
     """(256,3) BGR turbo colormap from OpenCV, so no matplotlib in the tracking loop."""
     ramp = np.arange(256, dtype=np.uint8).reshape(-1, 1)
@@ -220,20 +226,18 @@ def fixed_point(points: np.ndarray) -> np.ndarray:
     return np.round(points * (1 << SUBPIXEL_BITS)).astype(np.int32)
 
 
-def draw_trails(canvas: np.ndarray, points: list[np.ndarray], bins: np.ndarray, lut: np.ndarray, size: int) -> None:
-    for b in np.unique(bins):
-        lines = [fixed_point(p) for p, pb in zip(points, bins) if pb == b and len(p) > 1]
-        if lines:
-            cv2.polylines(canvas, lines, False, bin_colour(int(b), lut), size, cv2.LINE_AA, SUBPIXEL_BITS)
+def draw_trails(canvas: np.ndarray, fixed: np.ndarray, lengths: np.ndarray, bins: np.ndarray,
+                lut: np.ndarray, size: int) -> None:
+    width = fixed.shape[1]
+    for b in np.unique(bins[lengths > 1]):
+        lines = [fixed[i, width - lengths[i]:] for i in np.flatnonzero((bins == b) & (lengths > 1))]
+        cv2.polylines(canvas, lines, False, bin_colour(int(b), lut), size, cv2.LINE_AA, SUBPIXEL_BITS)
 
 
-def draw_heads(canvas: np.ndarray, points: list[np.ndarray], inliers: np.ndarray, size: int) -> None:
+def draw_heads(canvas: np.ndarray, heads: np.ndarray, inliers: np.ndarray, size: int) -> None:
     radius = (2 * size) << SUBPIXEL_BITS
     arm = (2 * size + 1) << SUBPIXEL_BITS
-    for trail, inlier in zip(points, inliers):
-        if len(trail) == 0:
-            continue
-        x, y = fixed_point(trail[-1])
+    for (x, y), inlier in zip(heads.tolist(), inliers.tolist()):
         if inlier:
             cv2.circle(canvas, (x, y), radius, INLIER_COLOUR, -1, cv2.LINE_AA, SUBPIXEL_BITS)
         else:
