@@ -3,6 +3,7 @@
     python -m vo.train magicpoint --run runs/magicpoint
     python -m vo.train adapt --detector runs/magicpoint/magicpoint.pth --out runs/ha_labels
     python -m vo.train superpoint --labels runs/ha_labels --run runs/superpoint
+    python -m vo.train superglue --features-from runs/superpoint/superpoint.pth --run runs/superglue
 """
 from __future__ import annotations
 
@@ -46,6 +47,13 @@ def main(argv=None) -> int:
     sp.add_argument("--run", default="runs/superpoint")
     sp.add_argument("--steps", type=int)
     sp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    sg = sub.add_parser("superglue", help="matcher on cached SuperPoint features of homography, TUM and KITTI pairs")
+    sg.add_argument("--features-from", required=True, metavar="WEIGHTS.pth", help="the SuperPoint whose features it learns")
+    sg.add_argument("--run", default="runs/superglue")
+    sg.add_argument("--data", default=str(DEFAULT_DATA), help="the shared data folder")
+    sg.add_argument("--steps", type=int)
+    sg.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override default_conf, e.g. layers=4 batch_size=1 data.homography.pairs_per_image=2")
     args = parser.parse_args(argv)
 
     conf = parse_overrides(args.set)
@@ -61,6 +69,9 @@ def main(argv=None) -> int:
         from vo.train import superpoint
         init = None if args.init.lower() == "none" else args.init
         print(f"weights: {superpoint.train(args.labels, args.run, init, conf)}")
+    elif args.stage == "superglue":
+        from vo.train import superglue
+        print(f"weights: {superglue.train(args.features_from, args.run, args.data, conf)}")
     return 0
 
 

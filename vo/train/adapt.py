@@ -32,6 +32,7 @@ default_conf = {
     "max_keypoints": 600,
     "seed": 0,
     "max_images": None,   # a prefix of the image list, for quick runs
+    "shard": [0, 1],      # [k, n]: this process labels images i with i % n == k (n processes in parallel)
 }
 
 
@@ -97,15 +98,21 @@ def run(detector: str | Path, out_dir: str | Path, data_root: str | Path, conf: 
     net = build_net(detector).eval().to(memory_format=torch.channels_last)
     paths = training_images(data_root)[:conf["max_images"]]
     (out_dir / "conf.json").write_text(json.dumps({**conf, "detector": str(detector), "images": len(paths)}))
+    shard, num_shards = conf["shard"]
+    mine = [i for i in range(len(paths)) if i % num_shards == shard]
     counts = []
-    for i, path in enumerate(tqdm(paths, desc="homographic adaptation", unit="img")):
+    for i in tqdm(mine, desc="homographic adaptation", unit="img"):
         part = out_dir / "parts" / f"{i:05d}.npz"
         if part.exists():  # resume: this image is labelled already
             continue
-        image, keypoints = label_image(net, path, i, conf)
-        np.savez_compressed(part, image=image, keypoints=keypoints)
+        image, keypoints = label_image(net, paths[i], i, conf)
+        np.savez(part.with_suffix(".tmp.npz"), image=image, keypoints=keypoints)
+        part.with_suffix(".tmp.npz").replace(part)   # a killed run leaves no half-written part
         counts.append(len(keypoints))
-    target = collect(out_dir, paths)
     if counts:
         print(f"labelled {len(counts)} new images, {np.mean(counts):.0f} keypoints each on average")
-    return target
+    missing = [i for i in range(len(paths)) if not (out_dir / "parts" / f"{i:05d}.npz").exists()]
+    if missing:
+        print(f"{len(missing)} images still to label (other shards?); run again to collect labels.npz")
+        return out_dir / "parts"
+    return collect(out_dir, paths)

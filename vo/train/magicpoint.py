@@ -17,7 +17,7 @@ from vo.train.common import Checkpoint, TrainLog, export_weights, setup_cpu, ste
 from vo.train.losses import detector_loss, keypoint_map_to_cell_labels
 
 default_conf = {
-    "channels": (32, 32, 64, 64, 128),  # slim widths: 4x fewer FLOPs, see weights/README.md
+    "channels": (16, 32, 64, 64, 128),  # slim widths: 7x fewer FLOPs, see weights/README.md
     "image_size": (120, 160),
     "batch_size": 32,
     "lr": 1e-3,

@@ -20,7 +20,7 @@ from vo.train import losses
 from vo.train.common import Checkpoint, TrainLog, export_weights, setup_cpu, step_rng
 
 default_conf = {
-    "channels": (32, 32, 64, 64, 128),
+    "channels": (16, 32, 64, 64, 128),
     "batch_size": 4,          # pairs per step
     "lr": 1e-3,
     "steps": 4000,
