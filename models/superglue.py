@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .runtime import autocast, select_device, select_precision
-from .weights import WeightsError, default_weights, load_checked
+from .weights import WeightsError, default_weights, load_checked, read_state_dict
 
 default_conf = {
     "descriptor_dim": 256,
@@ -269,6 +269,22 @@ def _as_tensor(x, device, dtype=torch.float32) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
 
 
+def conf_from_state_dict(state: dict, path="weights") -> dict:
+    """Descriptor width, encoder widths and GNN depth of a state dict in the official layout."""
+    if "bin_score" not in state:   # the first key of the official layout
+        raise WeightsError(f"{path}: missing key 'bin_score' (is this a SuperGlue file?)")
+    try:
+        layers = {int(k.split(".")[2]) for k in state if k.startswith("gnn.layers.")}
+        encoder = sorted(int(k.split(".")[2]) for k in state
+                         if k.startswith("kenc.encoder.") and k.endswith(".weight") and state[k].dim() == 3)
+        widths = [int(state[f"kenc.encoder.{i}.weight"].shape[0]) for i in encoder]
+        return {"descriptor_dim": int(state["final_proj.weight"].shape[0]), "keypoint_encoder": widths[:-1],
+                "GNN_layers": ["self", "cross"] * (len(layers) // 2)}
+    except (KeyError, IndexError, ValueError) as e:
+        raise WeightsError(f"{path}: missing key '{e.args[0] if e.args else 'final_proj.weight'}' "
+                           "(is this a SuperGlue file?)") from None
+
+
 class SuperGlue(nn.Module):
     """SuperGlue matcher.
 
@@ -285,7 +301,14 @@ class SuperGlue(nn.Module):
         unknown = set(conf) - set(default_conf)
         if unknown:
             raise TypeError(f"unknown SuperGlue option(s): {sorted(unknown)}")
-        self.conf = {**default_conf, **conf, "weights": weights,
+        if weights is None:
+            weights = default_weights("superglue_*.pth")
+        elif weights in ("indoor", "outdoor"):
+            weights = default_weights(f"superglue_{weights}.pth")
+        state = None if weights is False or weights == "random" else read_state_dict(weights)
+        # a file's own widths and depth (e.g. our smaller configuration) unless the caller says otherwise
+        file_conf = conf_from_state_dict(state, weights) if state is not None else {}
+        self.conf = {**default_conf, **file_conf, **conf, "weights": weights,
                      "sinkhorn_iterations": sinkhorn_iterations, "match_threshold": match_threshold}
         dim = self.conf["descriptor_dim"]
         self.kenc = KeypointEncoder(dim, self.conf["keypoint_encoder"])
@@ -293,12 +316,8 @@ class SuperGlue(nn.Module):
         self.final_proj = nn.Conv1d(dim, dim, kernel_size=1, bias=True)
         self.register_parameter("bin_score", nn.Parameter(torch.tensor(1.0)))
 
-        if weights is None:
-            weights = default_weights("superglue_*.pth")
-        elif weights in ("indoor", "outdoor"):
-            weights = default_weights(f"superglue_{weights}.pth")
-        if weights is not False and weights != "random":
-            load_checked(self, weights)
+        if state is not None:
+            load_checked(self, weights, state)
         self.weights = weights
         self.device = select_device(device)
         self.precision = select_precision(self.device, precision)

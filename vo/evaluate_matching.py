@@ -82,15 +82,10 @@ def superglue_conf(path: str | Path) -> dict:
     beside = path.with_suffix(".json")
     if beside.is_file():
         return json.loads(beside.read_text())
+    from models.superglue import conf_from_state_dict
     from models.weights import read_state_dict
 
-    state = read_state_dict(path)
-    layers = {int(k.split(".")[2]) for k in state if k.startswith("gnn.layers.")}
-    encoder = sorted(int(k.split(".")[2]) for k in state if k.startswith("kenc.encoder.") and k.endswith(".weight")
-                     and state[k].dim() == 3)
-    widths = [int(state[f"kenc.encoder.{i}.weight"].shape[0]) for i in encoder]
-    return {"descriptor_dim": int(state["final_proj.weight"].shape[0]), "keypoint_encoder": widths[:-1],
-            "GNN_layers": ["self", "cross"] * (len(layers) // 2)}
+    return conf_from_state_dict(read_state_dict(path), path)
 
 
 def superglue_matcher(weights: str) -> Matcher:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -10,11 +11,18 @@ import numpy as np
 import torch
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def setup_cpu(threads: int | None = None) -> None:
     """Use every core for the math unless OMP_NUM_THREADS says otherwise (a shared machine).
 
     Data comes from pre-rendered caches, so no loader workers compete with the math.
+    SIGTERM (and SIGINT, which background jobs ignore) stop a stage like Ctrl-C: checkpoint, then exit.
     """
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     if threads is None and "OMP_NUM_THREADS" in os.environ:
         return
     torch.set_num_threads(threads or os.cpu_count() or 1)
