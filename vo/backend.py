@@ -23,7 +23,8 @@ from .types import Camera
 class BAConfig:
     window: int = 7                   # keyframes optimised
     max_fixed_keyframes: int = 4      # older keyframes seeing window points, held fixed
-    max_iterations: int = 10
+    min_views: int = 2                # points seen from fewer keyframes are left out
+    max_iterations: int = 6           # local BA runs after every keyframe: keep it short
     function_tolerance: float = 1e-5  # relative cost change that ends the solve early
     loss: str = "HUBER"               # any pycolmap.LossFunctionType: HUBER, CAUCHY, SOFT_L1
     loss_scale: float = 2.0           # pixels
@@ -93,6 +94,7 @@ def bundle_adjust(problem: BAProblem, config: BAConfig = BAConfig()) -> tuple[np
     for point_id in point_ids:
         ba_config.add_variable_point(int(point_id))
     summary = pycolmap.create_default_bundle_adjuster(_options(config), ba_config, reconstruction).solve()
+    ceres = summary.ceres_summary
 
     poses = problem.poses.copy()
     for k in range(len(poses)):
@@ -103,8 +105,8 @@ def bundle_adjust(problem: BAProblem, config: BAConfig = BAConfig()) -> tuple[np
     stats = BAStats(_mean_finite(initial), _mean_finite(final), len(poses), int(problem.fixed_poses.sum()),
                     len(points), len(problem.obs_pose),
                     converged=summary.termination_type != pycolmap.BundleAdjustmentTerminationType.FAILURE,
-                    iterations=summary.ceres_summary.num_successful_steps + summary.ceres_summary.num_unsuccessful_steps,
-                    seconds=summary.ceres_summary.total_time_in_seconds)
+                    iterations=ceres.num_successful_steps + ceres.num_unsuccessful_steps,
+                    seconds=ceres.total_time_in_seconds)
     return poses, points, stats
 
 
@@ -192,21 +194,41 @@ def local_bundle_adjustment(map_: Map, window: list[Keyframe], config: BAConfig,
     fewer than one (two with ``fix_scale``, for monocular maps) exist, the oldest
     window keyframes are held fixed instead.
     """
-    problem, keyframe_ids, point_ids = _window_problem(map_, window, config, camera, stereo_baseline, fix_scale)
-    if problem is None:
+    full, keyframe_ids, all_point_ids = _window_problem(map_, window, camera, stereo_baseline, config, fix_scale)
+    if full is None:
         return BAStats(float("nan"), float("nan"), 0, 0, 0, 0)
+    problem, kept = drop_weak_points(full, config.min_views)
+    if len(kept) == 0:
+        return BAStats(float("nan"), float("nan"), len(full.poses), 0, 0, 0)
+    point_ids = all_point_ids[kept]
     poses, points, stats = bundle_adjust(problem, config)
     for k, keyframe_id in enumerate(keyframe_ids):
         if not problem.fixed_poses[k]:
             map_.set_keyframe_pose(keyframe_id, poses[k])
     map_.points.xyz[point_ids] = points
+    _carry_weak_points(map_, full, all_point_ids, kept, poses)
     stats.num_culled = _cull_observations(map_, problem, keyframe_ids, point_ids, poses, points,
                                           config.max_reprojection_error)
     return stats
 
 
-def _window_problem(map_: Map, window: list[Keyframe], config: BAConfig, camera: Camera,
-                    baseline: float | None, fix_scale: bool):
+def _carry_weak_points(map_: Map, full: BAProblem, point_ids: np.ndarray, kept: np.ndarray,
+                       poses: np.ndarray) -> None:
+    """Points left out of BA (seen from one keyframe) move rigidly with that keyframe,
+    which is where BA would have put them; otherwise they go stale when it moves."""
+    weak = np.setdiff1d(np.arange(len(full.points)), kept)
+    if len(weak) == 0:
+        return
+    _, first_row = np.unique(full.obs_point, return_index=True)   # every point has a row
+    k = full.obs_pose[first_row[weak]]
+    new_from_old = np.einsum("kij,kjl->kil", np.linalg.inv(poses), full.poses)   # world -> world
+    xyz = full.points[weak]
+    map_.points.xyz[point_ids[weak]] = np.einsum("nij,nj->ni", new_from_old[k, :3, :3], xyz) + new_from_old[k, :3, 3]
+
+
+def _window_problem(map_: Map, window: list[Keyframe], camera: Camera, baseline: float | None,
+                    config: BAConfig, fix_scale: bool):
+    """The window's keyframes, the older ones seeing its points (fixed) and all those points."""
     point_ids = map_.points_seen_by(window)
     if len(point_ids) == 0:
         return None, [], point_ids
@@ -224,33 +246,28 @@ def _window_problem(map_: Map, window: list[Keyframe], config: BAConfig, camera:
     if len(outside) < needed:
         fixed[:needed] = True
 
-    column = {int(p): m for m, p in enumerate(point_ids)}
     obs_pose, obs_point, obs_xy, obs_right = [], [], [], []
-    for k, kf in enumerate(keyframes):
+    for k, kf in enumerate(keyframes):   # point_ids is sorted: columns by binary search
         indices = np.flatnonzero(kf.point_ids != NO_POINT)
-        indices = np.array([i for i in indices if int(kf.point_ids[i]) in column], np.int64)
-        if len(indices) == 0:
-            continue
+        column = np.minimum(np.searchsorted(point_ids, kf.point_ids[indices]), len(point_ids) - 1)
+        in_problem = point_ids[column] == kf.point_ids[indices]
+        indices, column = indices[in_problem], column[in_problem]
         obs_pose.append(np.full(len(indices), k))
-        obs_point.append(np.array([column[int(p)] for p in kf.point_ids[indices]]))
+        obs_point.append(column)
         obs_xy.append(kf.keypoints[indices])
         obs_right.append(kf.right_x[indices])
     problem = BAProblem(camera, np.stack([kf.cam_from_world for kf in keyframes]), fixed,
                         map_.points.xyz[point_ids].copy(), np.concatenate(obs_pose),
                         np.concatenate(obs_point), np.concatenate(obs_xy),
                         np.concatenate(obs_right) if baseline else None, baseline)
-    problem, kept = drop_weak_points(problem)
-    if len(kept) == 0:
-        return None, [], point_ids[kept]
-    return problem, [kf.id for kf in keyframes], point_ids[kept]
+    return problem, [kf.id for kf in keyframes], point_ids
 
 
-def drop_weak_points(problem: BAProblem) -> tuple[BAProblem, np.ndarray]:
-    """Remove points with fewer than two measurements (left + right): BA cannot place them."""
-    measurements = np.ones(len(problem.obs_point))
-    if problem.obs_right_x is not None:
-        measurements += np.isfinite(problem.obs_right_x)
-    kept = np.flatnonzero(np.bincount(problem.obs_point, measurements, len(problem.points)) >= 2)
+def drop_weak_points(problem: BAProblem, min_views: int = 2) -> tuple[BAProblem, np.ndarray]:
+    """Keep points seen from at least ``min_views`` poses. A point seen from one pose
+    (even with a stereo measurement) does not constrain any pose: it only costs time."""
+    views = np.bincount(problem.obs_point, minlength=len(problem.points))
+    kept = np.flatnonzero(views >= min_views)
     new_index = np.full(len(problem.points), -1)
     new_index[kept] = np.arange(len(kept))
     rows = new_index[problem.obs_point] >= 0

@@ -149,6 +149,46 @@ def summary(result, frontend: Frontend, source, ate, out: Path) -> str:
     return "\n".join(lines)
 
 
+def make_views(args, source):
+    from vo.viz.live import RunViews, ViewOptions
+    options = ViewOptions(windows=not args.no_viz, video_path=args.save_video,
+                          collect_map=bool(args.save_map or args.render_map))
+    return RunViews(options, source.ground_truth)
+
+
+def save_pictures(args, result, views, ate) -> list[str]:
+    """--save-map, --render-map and --plot, after the run; each failure is one warning line."""
+    from vo.viz.plots import plot_trajectory
+    from vo.viz.render import render_map_png, save_map_ply
+    written = []
+    points, colours = views.collector.arrays()
+    keyframes = result.poses[result.keyframe_mask] if hasattr(result, "keyframe_mask") else result.poses[::10]
+    jobs = [
+        (args.save_map, lambda p: save_map_ply(p, points, colours)),
+        (args.render_map, lambda p: render_map_png(p, points, colours, keyframes, result.poses[:, :3, 3],
+                                                   None if ate is None else ate[3].positions)),
+        (args.plot, lambda p: plot_trajectory(p, ate[2].positions if ate else result.poses[:, :3, 3],
+                                              ate[2].stamps if ate else result.stamps,
+                                              ate[3].positions if ate else None,
+                                              ate[0].rmse if ate else None, result_title(result, ate))),
+    ]
+    for path, job in jobs:
+        if not path:
+            continue
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            job(path)
+            written.append(path)
+        except Exception as e:   # a picture must never cost the trajectory
+            print(f"warning: {path}: {e}", file=sys.stderr)
+    return written
+
+
+def result_title(result, ate) -> str:
+    method = f" ({ate[1]}-aligned)" if ate else ""
+    return f"{result.mode} trajectory, {result.num_frames} frames{method}"
+
+
 def run(args) -> int:
     from vo.pipeline import run as run_pipeline
     from tqdm import tqdm
@@ -157,18 +197,26 @@ def run(args) -> int:
     total = source.frame_count(mode) if source.kind != "webcam" else None
     if total is not None and args.max_frames:
         total = min(total, args.max_frames)
+    views = make_views(args, source)
     bar = tqdm(total=total, desc=f"{source.name} {mode}", unit="frame")
 
     def on_frame(frame, snapshot):
+        views.on_frame(frame, snapshot)
         bar.update(1)
         bar.set_postfix(state=snapshot.state.name.lower(), pts=snapshot.num_points)
 
-    result = run_pipeline(source, mode, frontend.extractor, frontend.matcher,
-                          on_frame=on_frame, max_frames=args.max_frames)
-    bar.close()
+    try:
+        result = run_pipeline(source, mode, frontend.extractor, frontend.matcher,
+                              on_frame=on_frame, max_frames=args.max_frames)
+    finally:
+        bar.close()
+        views.close()
     out = write_trajectory(result, Path(args.out) if args.out else default_out(source, mode, args.format), args.format)
     ate = evaluate_ate(result, source)
+    pictures = save_pictures(args, result, views, ate)
     print(summary(result, frontend, source, ate, out))
+    for path in pictures:
+        print(f"wrote        {path}")
     return 0 if not result.interrupted or "KeyboardInterrupt" in (result.error or "") else 1
 
 

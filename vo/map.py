@@ -99,6 +99,7 @@ class Map:
         self.keyframes: dict[int, Keyframe] = {}          # insertion order = time order
         self.points = MapPoints()
         self.keyframe_poses: dict[int, np.ndarray] = {}   # every keyframe ever: cam_from_world
+        self.keyframe_frames: dict[int, int] = {}         # every keyframe ever: its frame index
         self._next_keyframe_id = 0
 
     def new_keyframe_id(self) -> int:
@@ -108,6 +109,7 @@ class Map:
     def add_keyframe(self, keyframe: Keyframe) -> None:
         self.keyframes[keyframe.id] = keyframe
         self.keyframe_poses[keyframe.id] = keyframe.cam_from_world
+        self.keyframe_frames[keyframe.id] = keyframe.frame_index
         for index in np.flatnonzero(keyframe.point_ids != NO_POINT):
             self.points.observations[keyframe.point_ids[index]][keyframe.id] = int(index)
 

@@ -7,6 +7,7 @@ exception or Ctrl-C it stops and returns the trajectory so far, flagged as parti
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,6 +30,7 @@ class Result:
     timings_ms: dict[str, float] = field(default_factory=dict)   # mean per frame and stage
     interrupted: bool = False     # stopped early: poses cover only the frames done
     error: str | None = None      # what stopped it, if anything did
+    keyframe_mask: np.ndarray | None = None  # (N,) True where the frame became a keyframe
 
     @property
     def num_frames(self) -> int:
@@ -62,20 +64,27 @@ def run(source, mode: str, extractor, matcher=None, config: TrackerConfig | None
         max_frames: int | None = None) -> Result:
     """Track every frame of ``source`` in ``mode`` ('stereo', 'rgbd' or 'mono').
 
-    ``extractor.extract(image)`` gets a grayscale uint8 image; ``matcher.match`` is used
-    for monocular initialisation and relocalisation (mutual nearest neighbours if None).
+    ``extractor.extract(image)`` gets a grayscale uint8 image (in stereo, the left and
+    right images from two threads at once); ``matcher.match`` is used for monocular
+    initialisation and relocalisation (the tracker's own mutual nearest neighbours if
+    None). ``on_frame(frame, snapshot)`` runs after each frame; whatever it raises, like
+    any error or Ctrl-C, ends the run and the result keeps the poses so far with
+    ``interrupted`` set.
     """
     if mode not in source.modes:
         raise ValueError(f"source supports modes {source.modes}, not {mode!r}")
     tracker = Tracker(source.camera, mode, config, matcher)
     totals = {"extract": 0.0, "track": 0.0, "callback": 0.0}
     interrupted, error = False, None
+    # Left and right images are extracted concurrently: OpenCV and torch release the GIL.
+    pool = ThreadPoolExecutor(max_workers=1) if mode == "stereo" else None
     start = time.perf_counter()
     try:
         for frame in source.frames(mode, max_frames=max_frames):
             t0 = time.perf_counter()
+            right = pool.submit(extractor.extract, gray(frame.right)) if pool else None
             features = to_frame_features(extractor.extract(gray(frame.image)))
-            right = to_frame_features(extractor.extract(gray(frame.right))) if mode == "stereo" else None
+            right = to_frame_features(right.result()) if right else None
             t1 = time.perf_counter()
             snapshot = tracker.track(frame, features, right)
             t2 = time.perf_counter()
@@ -86,6 +95,9 @@ def run(source, mode: str, extractor, matcher=None, config: TrackerConfig | None
             totals["callback"] += time.perf_counter() - t2
     except (KeyboardInterrupt, Exception) as e:   # keep what was tracked; the caller saves it
         interrupted, error = True, f"{type(e).__name__}: {e}"
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - start
     indices, stamps, poses = tracker.poses()
     frames = max(len(stamps), 1)
@@ -93,4 +105,5 @@ def run(source, mode: str, extractor, matcher=None, config: TrackerConfig | None
                   num_keyframes=len(tracker.map.keyframe_poses), num_map_points=len(tracker.map.points),
                   events=list(tracker.events), seconds=seconds,
                   timings_ms={k: 1000 * v / frames for k, v in totals.items()},
-                  interrupted=interrupted, error=error)
+                  interrupted=interrupted, error=error,
+                  keyframe_mask=np.isin(indices, tracker.keyframe_frame_indices()))

@@ -33,6 +33,7 @@ default_conf = {
     "seed": 0,
     "max_images": None,   # a prefix of the image list, for quick runs
     "shard": [0, 1],      # [k, n]: this process labels images i with i % n == k (n processes in parallel)
+    "collect_only": False,  # gather the parts labelled so far into labels.npz, label nothing
 }
 
 
@@ -76,9 +77,11 @@ def label_image(net, path: Path, index: int, conf: dict) -> tuple[np.ndarray, np
 
 
 def collect(out_dir: Path, paths: list[Path]) -> Path:
-    """Gather the per-image parts into one ``labels.npz``."""
+    """Gather the per-image parts that exist into one ``labels.npz``."""
     images, keypoints, names = [], [], []
     for i, path in enumerate(paths):
+        if not (out_dir / "parts" / f"{i:05d}.npz").exists():
+            continue
         part = np.load(out_dir / "parts" / f"{i:05d}.npz")
         images.append(part["image"])
         keypoints.append(part["keypoints"])
@@ -100,6 +103,8 @@ def run(detector: str | Path, out_dir: str | Path, data_root: str | Path, conf: 
     (out_dir / "conf.json").write_text(json.dumps({**conf, "detector": str(detector), "images": len(paths)}))
     shard, num_shards = conf["shard"]
     mine = [i for i in range(len(paths)) if i % num_shards == shard]
+    if conf["collect_only"]:
+        mine = []
     counts = []
     for i in tqdm(mine, desc="homographic adaptation", unit="img"):
         part = out_dir / "parts" / f"{i:05d}.npz"
@@ -112,7 +117,9 @@ def run(detector: str | Path, out_dir: str | Path, data_root: str | Path, conf: 
     if counts:
         print(f"labelled {len(counts)} new images, {np.mean(counts):.0f} keypoints each on average")
     missing = [i for i in range(len(paths)) if not (out_dir / "parts" / f"{i:05d}.npz").exists()]
-    if missing:
+    if missing and not conf["collect_only"]:
         print(f"{len(missing)} images still to label (other shards?); run again to collect labels.npz")
         return out_dir / "parts"
+    if missing:
+        print(f"collecting {len(paths) - len(missing)} of {len(paths)} images; the rest are not labelled yet")
     return collect(out_dir, paths)

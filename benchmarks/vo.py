@@ -1,0 +1,149 @@
+"""End-to-end VO benchmark: ATE and FPS on KITTI 06 and TUM fr3/teddy, per frontend.
+
+    python benchmarks/vo.py                       # every row
+    python benchmarks/vo.py --rows kitti-stereo tum-rgbd --frontends orb+mnn
+    python benchmarks/vo.py --json results.json
+
+ATE is the RMSE of positions after SE(3) alignment (Sim(3) for monocular runs), on the
+frames that have ground truth (TUM: nearest stamp within 20 ms). FPS is end to end:
+reading frames, feature extraction (both images in stereo) and tracking.
+Data: KITTI odometry (Geiger et al., CVPR 2012, CC BY-NC-SA 3.0) and TUM RGB-D
+(Sturm et al., IROS 2012, CC BY 4.0), read from ../shared/data beside the checkout.
+"""
+from __future__ import annotations
+
+import os
+
+# Small matrix products run faster on one BLAS thread, and the CPU is shared: threads
+# contend. Must be set before numpy is imported.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from models import build_extractor, build_matcher  # noqa: E402
+from models.weights import WeightsError  # noqa: E402
+from vo.datasets import open_source  # noqa: E402
+from vo.eval.metrics import evaluate  # noqa: E402
+from vo.eval.trajectory import Trajectory, associate  # noqa: E402
+from vo.pipeline import run  # noqa: E402
+from vo.tracker import TrackerConfig  # noqa: E402
+
+DATA = Path(os.environ.get("VO_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    path: str          # under DATA
+    mode: str
+    target_ate: float  # metres; monocular targets are twice the metric ones
+
+
+ROWS = {
+    "kitti-stereo": Row("KITTI 06", "kitti/sequences/06", "stereo", 0.15),
+    "kitti-mono": Row("KITTI 06", "kitti/sequences/06", "mono", 0.30),
+    "tum-rgbd": Row("TUM teddy", "tum/rgbd_dataset_freiburg3_teddy", "rgbd", 0.015),
+    "tum-mono": Row("TUM teddy", "tum/rgbd_dataset_freiburg3_teddy", "mono", 0.030),
+}
+FRONTENDS = {
+    "orb+mnn": ("orb", "mnn"),
+    "sift+mnn": ("sift", "mnn"),
+    "superpoint+superglue": ("superpoint", "superglue"),
+}
+TARGET_FPS = 5.0
+
+
+def build_frontend(name: str):
+    extractor, matcher = FRONTENDS[name]
+    return build_extractor(extractor), build_matcher(matcher)
+
+
+def ate_of(result, source, mode: str) -> float:
+    stamps, poses = source.ground_truth
+    est, ref = associate(Trajectory(result.stamps, result.poses), Trajectory(stamps, poses), max_diff=0.02)
+    return evaluate(est, ref, "sim3" if mode == "mono" else "se3").ate.rmse
+
+
+def run_row(row: Row, frontend: str, max_frames: int | None) -> dict:
+    out = {"row": f"{row.name} {row.mode}", "frontend": frontend, "target_ate": row.target_ate}
+    try:
+        extractor, matcher = build_frontend(frontend)
+    except (WeightsError, FileNotFoundError) as e:
+        return {**out, "skipped": f"no weights ({str(e).splitlines()[0]})"}
+    source = open_source(str(DATA / row.path))
+    result = run(source, row.mode, extractor, matcher, TrackerConfig(), max_frames=max_frames)
+    return {**out, "ate": ate_of(result, source, row.mode), "fps": result.fps, "frames": result.num_frames,
+            "keyframes": result.num_keyframes, "lost": result.count("lost"),
+            "segments": result.count("new_segment"), "interrupted": result.interrupted,
+            "error": result.error, "timings_ms": result.timings_ms}
+
+
+def format_table(results: list[dict]) -> str:
+    lines = [f"{'sequence':<18}{'frontend':<22}{'ATE':>10}{'target':>9}{'FPS':>7}{'frames':>8}"
+             f"{'KFs':>6}{'lost':>6}  verdict"]
+    for r in results:
+        head = f"{r['row']:<18}{r['frontend']:<22}"
+        if "skipped" in r:
+            lines.append(head + f"skipped: {r['skipped']}")
+            continue
+        lines.append(head + f"{ate_text(r['ate']):>10}{ate_text(r['target_ate']):>9}{r['fps']:>7.1f}"
+                     f"{r['frames']:>8}{r['keyframes']:>6}{r['lost']:>6}  {verdict(r)}"
+                     + (f"  ({r['error']})" if r["error"] else ""))
+    return "\n".join(lines)
+
+
+def verdict(r: dict) -> str:
+    misses = [what for what, missed in (("ATE", r["ate"] > r["target_ate"]), ("FPS", r["fps"] < TARGET_FPS),
+                                        ("interrupted", r["interrupted"])) if missed]
+    return "ok" if not misses else "MISSED " + ", ".join(misses)
+
+
+def ate_text(metres: float) -> str:
+    return f"{100 * metres:.2f} cm" if metres < 0.1 else f"{metres:.3f} m"
+
+
+def format_ratios(results: list[dict], baseline: str = "orb+mnn") -> str:
+    """ATE and FPS of each frontend relative to the baseline on the same row."""
+    base = {r["row"]: r for r in results if r["frontend"] == baseline and "ate" in r}
+    lines = [f"ratios to {baseline} (ATE: lower is better, FPS: higher is better)"]
+    for r in results:
+        if r["frontend"] == baseline or "ate" not in r or r["row"] not in base:
+            continue
+        b = base[r["row"]]
+        lines.append(f"  {r['row']:<18}{r['frontend']:<22}ATE x{r['ate'] / b['ate']:.2f}   "
+                     f"FPS x{r['fps'] / b['fps']:.2f}")
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--frontends", nargs="+", choices=list(FRONTENDS), default=list(FRONTENDS))
+    parser.add_argument("--max-frames", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    results = []
+    for row_name in args.rows:
+        for frontend in args.frontends:
+            results.append(run_row(ROWS[row_name], frontend, args.max_frames))
+            print(format_table(results[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(results))
+    ratios = format_ratios(results)
+    if ratios:
+        print(ratios)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
