@@ -9,11 +9,16 @@ mid-run), the trajectory tracked so far is written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+# Before numpy loads: threaded OpenBLAS spin-waits against the tracker's own threads on
+# small CPUs and made the tracker's matrix products 50x slower here.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_SAMPLE = ROOT / "sequences" / "rgbd_dataset_freiburg3_teddy_sample"
@@ -117,18 +122,27 @@ def write_trajectory(result, path: Path, fmt: str) -> Path:
     return path
 
 
-def evaluate_ate(result, source):
-    """(ATE stats, alignment name, aligned estimate, paired GT) or None without ground truth."""
+@dataclass
+class AteReport:
+    stats: object            # vo.eval.metrics.ErrorStats, metres
+    method: str              # "se3" or "sim3"
+    aligned: object          # the estimate, aligned onto the ground truth (paired poses)
+    gt: object               # the ground truth at the same stamps
+    alignment: object        # vo.eval.metrics.Alignment, estimate -> ground truth
+
+
+def evaluate_ate(result, source) -> AteReport | None:
+    """ATE against the source's ground truth; Sim(3) for monocular runs. None without ground truth."""
     if source.ground_truth is None or result.num_frames < 3:
         return None
-    from vo.eval.metrics import align, ate_errors, ErrorStats
+    from vo.eval.metrics import ErrorStats, align, ate_errors
     from vo.eval.trajectory import Trajectory, associate
     est, gt = associate(Trajectory(result.stamps, result.poses), Trajectory(*source.ground_truth))
     if len(est) < 3:
         return None
     method = "sim3" if result.mode == "mono" else "se3"
-    aligned, _ = align(est, gt, method)
-    return ErrorStats.of(ate_errors(aligned, gt)), method, aligned, gt
+    aligned, alignment = align(est, gt, method)
+    return AteReport(ErrorStats.of(ate_errors(aligned, gt)), method, aligned, gt, alignment)
 
 
 def summary(result, frontend: Frontend, source, ate, out: Path) -> str:
@@ -141,8 +155,7 @@ def summary(result, frontend: Frontend, source, ate, out: Path) -> str:
         f"new segments {result.count('new_segment')}",
     ]
     if ate is not None:
-        stats, method, _, _ = ate
-        lines.append(f"ATE          rmse {100 * stats.rmse:.2f} cm ({method}-aligned, {stats.count} poses)")
+        lines.append(f"ATE          rmse {100 * ate.stats.rmse:.2f} cm ({ate.method}-aligned, {ate.stats.count} poses)")
     else:
         lines.append("ATE          n/a (no ground truth)")
     lines.append(f"trajectory   {out}")
@@ -151,6 +164,9 @@ def summary(result, frontend: Frontend, source, ate, out: Path) -> str:
 
 def make_views(args, source):
     from vo.viz.live import RunViews, ViewOptions
+    for path in (args.save_video, args.save_map, args.render_map, args.plot, args.out):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     options = ViewOptions(windows=not args.no_viz, video_path=args.save_video,
                           collect_map=bool(args.save_map or args.render_map))
     return RunViews(options, source.ground_truth)
@@ -162,15 +178,15 @@ def save_pictures(args, result, views, ate) -> list[str]:
     from vo.viz.render import render_map_png, save_map_ply
     written = []
     points, colours = views.collector.arrays()
-    keyframes = result.poses[result.keyframe_mask] if hasattr(result, "keyframe_mask") else result.poses[::10]
+    keyframes = result.poses[result.keyframe_mask]
     jobs = [
         (args.save_map, lambda p: save_map_ply(p, points, colours)),
-        (args.render_map, lambda p: render_map_png(p, points, colours, keyframes, result.poses[:, :3, 3],
-                                                   None if ate is None else ate[3].positions)),
-        (args.plot, lambda p: plot_trajectory(p, ate[2].positions if ate else result.poses[:, :3, 3],
-                                              ate[2].stamps if ate else result.stamps,
-                                              ate[3].positions if ate else None,
-                                              ate[0].rmse if ate else None, result_title(result, ate))),
+        (args.render_map, lambda p: render_map_png(
+            p, points, colours, keyframes, result.poses[:, :3, 3],
+            None if ate is None else ate.alignment.unapply_points(ate.gt.positions))),   # the map's frame
+        (args.plot, lambda p: plot_trajectory(
+            p, ate.aligned.positions if ate else result.poses[:, :3, 3], ate.aligned.stamps if ate else result.stamps,
+            ate.gt.positions if ate else None, ate.stats.rmse if ate else None, result_title(result, ate))),
     ]
     for path, job in jobs:
         if not path:
@@ -185,7 +201,7 @@ def save_pictures(args, result, views, ate) -> list[str]:
 
 
 def result_title(result, ate) -> str:
-    method = f" ({ate[1]}-aligned)" if ate else ""
+    method = f" ({ate.method}-aligned)" if ate else ""
     return f"{result.mode} trajectory, {result.num_frames} frames{method}"
 
 
@@ -222,6 +238,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+
     from models.weights import WeightsError
     from vo.datasets import SourceError
     try:

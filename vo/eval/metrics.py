@@ -38,6 +38,10 @@ class Alignment:
         sim3[:3, 3] = self.translation
         return sim3
 
+    def unapply_points(self, points: np.ndarray) -> np.ndarray:
+        """Reference-frame points (N,3) into the estimate's frame (the inverse similarity)."""
+        return (points - self.translation) @ self.rotation / self.scale
+
     def apply(self, traj: Trajectory) -> Trajectory:
         """Scales the positions and moves the whole trajectory; orientations stay rotations."""
         poses = traj.poses.copy()
