@@ -10,13 +10,6 @@ from vo.train import match_data, superglue
 from vo.train.match_data import IGNORE, UNMATCHED
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: OpenMP hand-offs cost more than they save."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def known_homography() -> np.ndarray:

@@ -18,13 +18,6 @@ from models.weights import WEIGHTS_DIR, WeightsError
 REFERENCE_LAYOUT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_weights_layout.txt"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a shared 2-core machine OpenMP hand-offs cost more than they save."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- helpers

@@ -70,30 +70,6 @@ def format_report(result: EvaluationResult, args) -> str:
     return "\n".join(lines)
 
 
-def save_plot(path: str, est: Trajectory, gt: Trajectory, title: str) -> None:
-    """Top view on the two axes along which the ground truth spreads most."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    extent = np.ptp(gt.positions, axis=0)
-    axes = np.sort(np.argsort(extent)[-2:])
-    names = "xyz"
-    fig, ax = plt.subplots(figsize=(7, 6))
-    ax.plot(gt.positions[:, axes[0]], gt.positions[:, axes[1]], "k-", lw=1.5, label="ground truth")
-    ax.plot(est.positions[:, axes[0]], est.positions[:, axes[1]], "-", c="tab:blue", lw=1, label="estimate (aligned)")
-    ax.set_xlabel(f"{names[axes[0]]} [m]")
-    ax.set_ylabel(f"{names[axes[1]]} [m]")
-    ax.set_aspect("equal", adjustable="datalim")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)
-
-
 def run(args) -> str:
     est_format = args.format or detect_format(args.est)
     gt_format = args.gt_format or detect_format(args.gt)
@@ -104,8 +80,10 @@ def run(args) -> str:
     result = evaluate(est, gt, args.align, args.delta, with_kitti="kitti" in (est_format, gt_format))
     report = format_report(result, args)
     if args.plot:
+        from vo.viz.plots import plot_trajectory
         aligned, _ = align(est, gt, args.align)
-        save_plot(args.plot, aligned, gt, f"ATE {result.ate.rmse:.4f} m ({args.align})")
+        plot_trajectory(args.plot, aligned.positions, aligned.stamps, gt.positions, result.ate.rmse,
+                        f"{Path(args.est).name} ({args.align}-aligned)")
     return report
 
 

@@ -57,6 +57,22 @@ class InputError(Exception):
     """A missing or unreadable input file; the message names it."""
 
 
+def print_report(run, args) -> int:
+    """Print (and save to ``args.out``) the report of ``run(args)``; bad input is one line, exit 2."""
+    try:
+        report = run(args)
+        print(report)
+        if args.out:
+            args.out.write_text(report)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:   # e.g. an unwritable --out
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
 @dataclass(frozen=True)
 class Pair:
     """Two grayscale images and H mapping pixels of image 0 to pixels of image 1.
@@ -338,19 +354,7 @@ def run(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        report = run(args)
-        print(report)
-        if args.out:
-            args.out.write_text(report)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:   # e.g. an unwritable --out
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    return print_report(run, parse_args(argv))
 
 
 if __name__ == "__main__":

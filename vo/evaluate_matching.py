@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from vo.eval import features as F
-from vo.evaluate_features import (HPATCHES_SEQUENCE, InputError, Pair, hpatches_pairs, strong_conf,
+from vo.evaluate_features import (HPATCHES_SEQUENCE, InputError, print_report, Pair, hpatches_pairs, strong_conf,
                                   synthetic_pairs)
 
 EXIT_BAD_INPUT = 2
@@ -335,19 +335,7 @@ def run(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        report = run(args)
-        print(report)
-        if args.out:
-            args.out.write_text(report)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as e:
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    return print_report(run, parse_args(argv))
 
 
 if __name__ == "__main__":
