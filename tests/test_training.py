@@ -90,3 +90,26 @@ def test_a_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one(tmp_path):
     a, b = torch.load(straight), torch.load(resumed)
     assert all(torch.allclose(a[k], b[k]) for k in a)
     assert (tmp_path / "b" / "run" / "log.txt").read_text().count("loss=") == 4
+
+
+def test_homographic_adaptation_labels_resume_from_a_labels_file(tmp_path):
+    from tests.conftest import require_data
+    from vo.train import adapt
+    from vo.train.superpoint import LabelledImages
+    data = require_data()
+    detector = tmp_path / "detector.pth"
+    torch.manual_seed(0)
+    torch.save(SuperPointNet(channels=SLIM).state_dict(), detector)
+    conf = {"max_images": 2, "num_homographies": 3, "threshold": 0.0, "max_keypoints": 50}
+    labels = adapt.run(detector, tmp_path / "ha", data, conf)
+    first = np.load(labels)
+    assert len(first["names"]) == 2 and len(first["keypoints"]) == 100 and not first["names"][0].startswith("/")
+    dataset = LabelledImages(labels, data)
+    image, keypoints = dataset[1]
+    assert image.shape == (240, 320) and len(keypoints) == 50
+    # a fresh folder holding only labels.npz (as shipped) labels nothing again
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "labels.npz").write_bytes(labels.read_bytes())
+    assert adapt.reuse_labels(tmp_path / "again", adapt.training_images(data)[:2], data) == 2
+    again = np.load(adapt.run(detector, tmp_path / "again", data, {**conf, "collect_only": True}))
+    assert np.array_equal(again["keypoints"], first["keypoints"])

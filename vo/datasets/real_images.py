@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".ppm", ".bmp"}
 HELD_OUT = ("images/natural/Kodak24",)
 TRAINING = (

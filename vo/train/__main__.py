@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from vo.datasets.real_images import DEFAULT_DATA
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -5,8 +5,9 @@
 The detector runs on N_h warps of each image (the first is the identity); the
 heatmaps are unwarped and averaged over the warps that saw each pixel. NMS and a
 threshold on the average give the labels. One ``labels.npz`` collects them:
-``images`` (N,H,W) uint8, ``keypoints`` (K,2) float32 x,y, ``offsets`` (N+1,),
-``names`` (N,). Per-image results are kept in ``parts/`` so a stopped run resumes.
+``keypoints`` (K,2) float32 x,y in the ``image_size`` (H,W) crop, ``offsets`` (N+1,) and
+``names`` (N,), image paths relative to the data folder (the images are not copied).
+Per-image results are kept in ``parts/`` so a stopped run resumes.
 """
 from __future__ import annotations
 
@@ -76,21 +77,44 @@ def label_image(net, path: Path, index: int, conf: dict) -> tuple[np.ndarray, np
     return image, heatmap_to_keypoints(heatmap, conf)
 
 
-def collect(out_dir: Path, paths: list[Path]) -> Path:
-    """Gather the per-image parts that exist into one ``labels.npz``."""
-    images, keypoints, names = [], [], []
+def part_path(out_dir: Path, index: int) -> Path:
+    return out_dir / "parts" / f"{index:05d}.npz"
+
+
+def relative_name(path: Path, data_root: Path) -> str:
+    """Labels name images relative to the data folder, so a labels file travels without them."""
+    return str(Path(path).resolve().relative_to(Path(data_root).resolve()))
+
+
+def collect(out_dir: Path, paths: list[Path], data_root: Path, image_size) -> Path:
+    """Gather the per-image parts that exist into one ``labels.npz`` (keypoints and image names only)."""
+    keypoints, names = [], []
     for i, path in enumerate(paths):
-        if not (out_dir / "parts" / f"{i:05d}.npz").exists():
-            continue
-        part = np.load(out_dir / "parts" / f"{i:05d}.npz")
-        images.append(part["image"])
-        keypoints.append(part["keypoints"])
-        names.append(str(path))
+        if part_path(out_dir, i).exists():
+            keypoints.append(np.load(part_path(out_dir, i))["keypoints"])
+            names.append(relative_name(path, data_root))
     offsets = np.cumsum([0] + [len(k) for k in keypoints])
     target = out_dir / "labels.npz"
-    np.savez_compressed(target, images=np.stack(images), keypoints=np.concatenate(keypoints),
-                        offsets=offsets, names=np.array(names))
+    np.savez_compressed(target, keypoints=np.concatenate(keypoints), offsets=offsets, names=np.array(names),
+                        image_size=np.array(image_size))
     return target
+
+
+def reuse_labels(out_dir: Path, paths: list[Path], data_root: Path) -> int:
+    """Turn an existing ``labels.npz`` (e.g. shipped as a checkpoint) back into parts, so they are skipped."""
+    labels = out_dir / "labels.npz"
+    if not labels.exists():
+        return 0
+    data = np.load(labels)
+    (out_dir / "parts").mkdir(parents=True, exist_ok=True)
+    known = {str(n): data["keypoints"][a:b] for n, a, b in zip(data["names"], data["offsets"][:-1], data["offsets"][1:])}
+    reused = 0
+    for i, path in enumerate(paths):
+        name = relative_name(path, data_root)
+        if name in known and not part_path(out_dir, i).exists():
+            np.savez(part_path(out_dir, i), keypoints=known[name])
+            reused += 1
+    return reused
 
 
 def run(detector: str | Path, out_dir: str | Path, data_root: str | Path, conf: dict | None = None) -> Path:
@@ -101,25 +125,28 @@ def run(detector: str | Path, out_dir: str | Path, data_root: str | Path, conf: 
     net = build_net(detector).eval().to(memory_format=torch.channels_last)
     paths = training_images(data_root)[:conf["max_images"]]
     (out_dir / "conf.json").write_text(json.dumps({**conf, "detector": str(detector), "images": len(paths)}))
+    reused = reuse_labels(out_dir, paths, Path(data_root))
+    if reused:
+        print(f"{reused} images already labelled in {out_dir / 'labels.npz'}")
     shard, num_shards = conf["shard"]
     mine = [i for i in range(len(paths)) if i % num_shards == shard]
     if conf["collect_only"]:
         mine = []
     counts = []
     for i in tqdm(mine, desc="homographic adaptation", unit="img"):
-        part = out_dir / "parts" / f"{i:05d}.npz"
+        part = part_path(out_dir, i)
         if part.exists():  # resume: this image is labelled already
             continue
-        image, keypoints = label_image(net, paths[i], i, conf)
-        np.savez(part.with_suffix(".tmp.npz"), image=image, keypoints=keypoints)
+        _, keypoints = label_image(net, paths[i], i, conf)
+        np.savez(part.with_suffix(".tmp.npz"), keypoints=keypoints)
         part.with_suffix(".tmp.npz").replace(part)   # a killed run leaves no half-written part
         counts.append(len(keypoints))
     if counts:
         print(f"labelled {len(counts)} new images, {np.mean(counts):.0f} keypoints each on average")
-    missing = [i for i in range(len(paths)) if not (out_dir / "parts" / f"{i:05d}.npz").exists()]
+    missing = [i for i in range(len(paths)) if not part_path(out_dir, i).exists()]
     if missing and not conf["collect_only"]:
         print(f"{len(missing)} images still to label (other shards?); run again to collect labels.npz")
         return out_dir / "parts"
     if missing:
         print(f"collecting {len(paths) - len(missing)} of {len(paths)} images; the rest are not labelled yet")
-    return collect(out_dir, paths)
+    return collect(out_dir, paths, Path(data_root), conf["image_size"])

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from models.superpoint import SuperPointNet, build_net, channels_from_state_dict
+from vo.datasets.real_images import DEFAULT_DATA, load_gray
 from vo.datasets.synthetic_shapes import keypoint_map, photometric_augment
 from vo.geometry.homography import filter_inside, pair_conf, sample_homography, warp_image, warp_points
 from vo.train import losses
@@ -33,11 +34,13 @@ default_conf = {
 
 
 class LabelledImages:
-    """The ``labels.npz`` written by Homographic Adaptation (or the SuperPointVO labeller)."""
+    """The ``labels.npz`` written by Homographic Adaptation; images are read from the data folder."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, data_root: str | Path = DEFAULT_DATA):
         data = np.load(path)
-        self.images, self.keypoints, self.offsets = data["images"], data["keypoints"], data["offsets"]
+        self.keypoints, self.offsets = data["keypoints"], data["offsets"]
+        size = tuple(int(v) for v in data["image_size"])
+        self.images = [load_gray(Path(data_root) / str(name), size) for name in data["names"]]
 
     def __len__(self) -> int:
         return len(self.images)
