@@ -7,6 +7,7 @@ max-pool NMS, threshold, border removal, top-k, bilinear descriptor sampling.
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -111,10 +112,21 @@ def logits_to_heatmap(logits: torch.Tensor, cell: int = 8) -> torch.Tensor:
     return F.pixel_shuffle(prob, cell).squeeze(1)
 
 
+def max_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Max over (2r+1)^2 windows of (B,H,W) maps; OpenCV's dilate on the CPU is ~50x faster than max_pool2d."""
+    if x.device.type == "cpu" and not x.requires_grad:
+        kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+        maps = x.float().contiguous().numpy()
+        return torch.from_numpy(np.stack([cv2.dilate(m, kernel) for m in maps])).to(x.dtype)
+    k = 2 * radius + 1  # separable: rows then columns
+    x = F.max_pool2d(x, kernel_size=(1, k), stride=1, padding=(0, radius))
+    return F.max_pool2d(x, kernel_size=(k, 1), stride=1, padding=(radius, 0))
+
+
 def simple_nms(scores: torch.Tensor, radius: int) -> torch.Tensor:
     """Keep local maxima within ``radius``; two extra rounds recover maxima hidden by suppressed peaks."""
     def max_pool(x):
-        return F.max_pool2d(x, kernel_size=2 * radius + 1, stride=1, padding=radius)
+        return max_filter(x, radius)
 
     zeros = torch.zeros_like(scores)
     max_mask = scores == max_pool(scores)
@@ -163,7 +175,6 @@ def image_to_tensor(image, device: torch.device) -> torch.Tensor:
     """HxW / HxWx3 uint8 (BGR) numpy, or a tensor, -> (1,1,H,W) float in [0,1] on ``device``."""
     if isinstance(image, np.ndarray):
         if image.ndim == 3:
-            import cv2
             image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
         if image.ndim != 2:
             raise ValueError(f"expected an HxW or HxWx3 image, got shape {image.shape}")

@@ -150,3 +150,11 @@ def test_folding_batch_norm_keeps_the_outputs_and_the_official_layout():
     plain.load_state_dict(net.folded_state_dict(), strict=True)
     for a, b in zip(net(x), plain(x)):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_opencv_max_filter_equals_max_pooling():
+    from models.superpoint import max_filter
+    x = torch.rand(2, 37, 53)
+    pooled = torch.nn.functional.max_pool2d(x, kernel_size=9, stride=1, padding=4)
+    assert torch.equal(max_filter(x, 4), pooled)
+    assert torch.equal(max_filter(x.requires_grad_(), 4), pooled)   # the differentiable path
