@@ -106,9 +106,9 @@ def superpoint_factory(device):
 
 def table(title: str, rows: list[tuple[str, str, float, float, float]]) -> None:
     print(f"\n{title}")
-    print(f"  {'input':>12}  {'precision':>9}  {'ms/call':>9}  {'cpu ms':>9}  {'speed-up':>8}")
+    print(f"  {'input':>21}  {'precision':>9}  {'ms/call':>9}  {'cpu ms':>9}  {'speed-up':>8}")
     for label, precision, ms, cpu, base in rows:
-        print(f"  {label:>12}  {precision:>9}  {ms:9.1f}  {cpu:9.1f}  {base / ms:7.2f}x")
+        print(f"  {label:>21}  {precision:>9}  {ms:9.1f}  {cpu:9.1f}  {base / ms:7.2f}x")
 
 
 # ---------------------------------------------------------------- speed
@@ -128,18 +128,21 @@ def bench_superglue(device, precs, keypoints, runs) -> None:
     table("SuperGlue match (both sides, 18 layers, 100 Sinkhorn iterations), median ms", rows)
 
 
-def bench_superpoint(device, precs, runs, build) -> None:
+def bench_superpoint(device, precs, runs, builds: dict) -> None:
+    """``builds``: network name -> build(precision); the first one's fp32 is the baseline."""
     rows = []
     for w, h in SP_SIZES:
         image = np.random.default_rng(0).integers(0, 256, (h, w), dtype=np.uint8)
         base = None
-        for p in precs:
-            sp = build(p)
-            ms, cpu = time_call(lambda: sp.extract(image), device, runs)
-            base = base or ms
-            rows.append((f"{w}x{h}", p, ms, cpu, base))
-            print(f"  superpoint {w}x{h} {p}: {ms:.1f} ms", flush=True)
-    table("SuperPoint extract (network + NMS + descriptors), median ms", rows)
+        for name, build in builds.items():
+            for p in precs:
+                sp = build(p)
+                ms, cpu = time_call(lambda: sp.extract(image), device, runs)
+                base = base or ms
+                rows.append((f"{w}x{h} {name}", p, ms, cpu, base))
+                print(f"  superpoint {w}x{h} {name} {p}: {ms:.1f} ms", flush=True)
+    table("SuperPoint extract (network + NMS + descriptors), median ms; "
+          "speed-up against the official widths in fp32", rows)
 
 
 # ---------------------------------------------------------------- fidelity
@@ -266,7 +269,10 @@ def main(argv=None) -> None:
     if "superglue" not in args.skip:
         bench_superglue(device, precs, args.keypoints, args.runs)
     if "superpoint" not in args.skip and factory is not None:
-        bench_superpoint(device, precs, args.runs, lambda p: factory(False, p))
+        builds = {"official": lambda p: factory(False, p)}   # official widths, random weights
+        if sp_weights:
+            builds["ours"] = lambda p: factory(sp_weights, p)
+        bench_superpoint(device, precs, args.runs, builds)
     if "fidelity" not in args.skip:
         build = None if factory is None else (lambda p: factory(sp_weights, p))
         fidelity(device, precs, build, sp_weights, sg_weights, args.fidelity_keypoints)

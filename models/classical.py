@@ -15,6 +15,7 @@ default_orb_conf = {
     "n_levels": 8,
     "edge_threshold": 31,
     "fast_threshold": 20,
+    "subpixel": True,   # FAST corners sit on the pixel grid (of their pyramid level); refine them
 }
 
 default_sift_conf = {
@@ -92,7 +93,22 @@ class ORB:
     def extract(self, image) -> dict:
         gray = to_gray_uint8(image)
         keypoints, descriptors = self.orb.detectAndCompute(gray, None)
-        return pack_features(keypoints, descriptors, gray, self.conf["max_keypoints"], 32, np.uint8)
+        feats = pack_features(keypoints, descriptors, gray, self.conf["max_keypoints"], 32, np.uint8)
+        if self.conf["subpixel"] and len(feats["keypoints"]):
+            feats["keypoints"] = refine_corners(gray, feats["keypoints"])
+        return feats
+
+
+def refine_corners(gray: np.ndarray, xy: np.ndarray, max_shift: float = 1.5) -> np.ndarray:
+    """Sub-pixel corner positions (OpenCV cornerSubPix); a point that wanders off keeps its place.
+
+    Quantised positions bias stereo disparity, hence depth and the scale of a stereo trajectory.
+    """
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 10, 0.01)
+    refined = cv2.cornerSubPix(gray, xy.reshape(-1, 1, 2).copy(), (3, 3), (-1, -1), criteria).reshape(-1, 2)
+    moved = np.linalg.norm(refined - xy, axis=1) > max_shift
+    refined[moved] = xy[moved]
+    return refined.astype(np.float32)
 
 
 class SIFT:
