@@ -37,12 +37,12 @@ class ViewerOptions:
     title: str = "spvo map"
     width: int = 1280
     height: int = 800
-    max_rate_hz: float = 10.0      # snapshots sent per second, at most
+    max_rate_hz: float = 5.0       # snapshots sent per second, at most
     max_points: int = 200_000      # more are thinned evenly before sending
     max_path_points: int = 50_000  # trajectory / ground truth vertices, likewise
     point_size: float = 3.0
     follow: bool = True
-    frame_rate_hz: float = 30.0    # window redraws per second
+    frame_rate_hz: float = 10.0    # window redraws per second (software GL shares the CPU)
     nice: int = 10                 # the viewer yields the CPU to the tracker
     save_on_close: str | None = None   # PNG of the last view, written when the window closes
 
