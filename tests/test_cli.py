@@ -57,3 +57,29 @@ def test_a_crash_mid_run_still_writes_the_trajectory(tmp_path, monkeypatch, caps
     assert "stopped early: RuntimeError: simulated crash" in capsys.readouterr().out
     poses = read_tum(out)
     assert len(poses) == 21 and np.isfinite(poses.poses).all()
+
+
+def write_sample_video(path, frames: int = 25):
+    names = sorted((SAMPLE / "rgb").glob("*.png"))[:frames]
+    first = cv2.imread(str(names[0]))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 15, first.shape[1::-1])
+    for name in names:
+        writer.write(cv2.imread(str(name)))
+    writer.release()
+    return path
+
+
+def test_webcam_run_through_the_capture_code_ends_cleanly_when_unplugged(tmp_path, monkeypatch, capsys):
+    """A video file stands in for camera 0; when it runs dry the camera counts as unplugged."""
+    from vo.datasets import video
+    movie = write_sample_video(tmp_path / "cam.avi")
+    real_open = video.open_capture
+    monkeypatch.setattr(video, "open_capture", lambda spec: real_open(str(movie) if spec == 0 else spec))
+    calib = tmp_path / "cam.yaml"
+    calib.write_text("fx: 535.4\nfy: 539.2\ncx: 320.1\ncy: 247.6\n")
+    out = tmp_path / "webcam.txt"
+    with pytest.warns(Warning, match="frame grab failed"):
+        code = cli.main(["--webcam", "0", "--calib", str(calib), "--no-viz", "--features", "orb", "--out", str(out)])
+    assert code == 0
+    assert "sequence     webcam0 (webcam, mono)" in capsys.readouterr().out
+    assert len(read_tum(out)) == 25

@@ -164,10 +164,14 @@ def load_calibration(path: str | Path) -> Calibration:
     return calibration_from_mapping(read_opencv_yaml(path), path)
 
 
+DEFAULT_FIELD_OF_VIEW_DEG = 60.0   # horizontal; a typical webcam
+
+
 def default_calibration(width: int, height: int, what: str) -> Calibration:
-    """A guess for uncalibrated images: focal 1.2 x the longest side (COLMAP's prior), centred."""
-    warn(f"{what}: no calibration given (--calib); guessing fx = fy = {1.2 * max(width, height):g}")
-    focal = 1.2 * max(width, height)
+    """A guess for uncalibrated images: a 60-degree horizontal field of view, centred, no distortion."""
+    focal = (width / 2) / np.tan(np.radians(DEFAULT_FIELD_OF_VIEW_DEG / 2))
+    warn(f"{what}: no calibration given (--calib); assuming a {DEFAULT_FIELD_OF_VIEW_DEG:g}-degree field of view "
+         f"(fx = fy = {focal:.1f}); run `python -m vo.calibrate` for a real one")
     return Calibration(focal, focal, width / 2, height / 2, width=width, height=height, path=what)
 
 
