@@ -411,9 +411,10 @@ def test_empty_folder(tmp_path):
 
 
 def test_uncalibrated_folder_warns_and_guesses(tmp_path):
-    with pytest.warns(SourceWarning, match="no calibration"):
+    with pytest.warns(SourceWarning, match="60-degree field of view"):
         source = open_source(str(image_folder(tmp_path)))
-    assert source.camera.fx == pytest.approx(72.0) and (source.camera.cx, source.camera.cy) == (30, 20)
+    # 60 degrees across 60 px: fx = 30 / tan(30 deg)
+    assert source.camera.fx == pytest.approx(30 / np.tan(np.radians(30))) and (source.camera.cx, source.camera.cy) == (30, 20)
 
 
 # ----------------------------------------------------------------------------- video / webcam
