@@ -62,16 +62,16 @@ class Frontend:
 
 
 def shipped(pattern: str, weights: str | None) -> Path | None:
-    """The weight file for ``pattern``: in --weights (a file or a folder) or in weights/."""
-    if weights:
-        path = Path(weights)
-        if path.is_file():
-            return path if path.match(pattern) or pattern.startswith("superpoint") else None
-        found = sorted(path.glob(pattern)) if path.is_dir() else []
-        if not path.exists():
-            raise UsageError(f"{path}: no such weights file or folder")
-        return found[-1] if found else None
-    found = sorted((ROOT / "weights").glob(pattern))
+    """The newest file matching ``pattern`` in --weights or weights/.
+
+    --weights may also name one file: it is then the feature network's (SuperPoint layout).
+    """
+    if weights and Path(weights).is_file():
+        return Path(weights) if pattern.startswith("superpoint") else None
+    folder = Path(weights) if weights else ROOT / "weights"
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such weights file or folder")
+    found = sorted(folder.glob(pattern))
     return found[-1] if found else None
 
 
@@ -83,8 +83,8 @@ def build_frontend(args) -> Frontend:
         features = "superpoint" if sp_weights else "orb"
         if not sp_weights:
             print("note: no SuperPoint weights shipped yet; using ORB features (see weights/README.md)")
-    if features in ("superpoint", "superpointvo"):
-        pattern = "superpointvo_*.pth" if features == "superpointvo" else "superpoint_*.pth"
+    if features.startswith("superpoint"):
+        pattern = f"{features}_*.pth"
         path = shipped(pattern, args.weights)
         if path is None:
             raise UsageError(f"{args.weights or ROOT / 'weights'}: no {pattern} weights found")
