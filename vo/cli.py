@@ -14,11 +14,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# Before numpy loads: threaded OpenBLAS spin-waits against the tracker's own threads on
-# small CPUs and made the tracker's matrix products 50x slower here.
+# Before numpy loads (the pipeline imports it): threaded OpenBLAS spin-waits against the
+# tracker's own threads on small CPUs and made the tracker's matrix products 50x slower here.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_SAMPLE = ROOT / "sequences" / "rgbd_dataset_freiburg3_teddy_sample"

@@ -13,8 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from vo.eval.metrics import ALIGNMENTS, EvaluationResult, MetricsError, align, evaluate
 from vo.eval.trajectory import FORMATS, Trajectory, TrajectoryError, associate, detect_format, read_trajectory
 

@@ -85,6 +85,15 @@ def read_sized_image(path: Path, flags: int, size: tuple[int, int]) -> np.ndarra
     return image
 
 
+def read_gray_pair(left_path: Path, right_path: Path | None, stereo: bool, size: tuple[int, int]):
+    """(left, right) gray images of one frame, right None unless ``stereo``; None when a needed one fails."""
+    left = read_sized_image(left_path, cv2.IMREAD_GRAYSCALE, size)
+    if left is None or not stereo:
+        return None if left is None else (left, None)
+    right = read_sized_image(right_path, cv2.IMREAD_GRAYSCALE, size)
+    return None if right is None else (left, right)
+
+
 def as_uint8_image(image: np.ndarray) -> np.ndarray:
     """Gray stays gray, colour becomes BGR, 16-bit is scaled to 8-bit: what the tracker expects."""
     if image.dtype == np.uint16:

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import cv2
 import numpy as np
 
-from vo.datasets.base import (Source, SourceError, check_stamps, first_image_size, read_sized_image,
+from vo.datasets.base import (Source, SourceError, check_stamps, first_image_size, read_gray_pair,
                               require_dir, require_file)
 from vo.datasets.calib import (Calibration, StereoRectification, Undistorter, as_matrix,
                                calibration_from_mapping, load_calibration, read_opencv_yaml, stereo_rectify)
@@ -145,12 +144,11 @@ class EurocSource(Source):
         # Sizes are those of the raw images, which equal the rectified ones.
         size = (self.camera.width, self.camera.height)
         for index, (stamp_ns, left_path) in enumerate(zip(self.stamps_ns, self.left_paths)):
-            left = read_sized_image(left_path, cv2.IMREAD_GRAYSCALE, size)
-            right = None
-            if left is not None and mode == "stereo":
-                right = read_sized_image(self.right_paths[index], cv2.IMREAD_GRAYSCALE, size)
-            if left is None or (mode == "stereo" and right is None):
+            stereo = mode == "stereo"
+            pair = read_gray_pair(left_path, self.right_paths[index] if stereo else None, stereo, size)
+            if pair is None:
                 continue
+            left, right = pair
             right = self.rectification.right(right) if right is not None else None
             yield Frame(index, float(stamp_ns) * 1e-9, self._left(left), right=right, path=str(left_path),
                         extra={"stamp_ns": int(stamp_ns)})

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-import cv2
 import numpy as np
 
-from vo.datasets.base import (Source, SourceError, first_image_size, read_sized_image, read_stamp_file,
+from vo.datasets.base import (Source, SourceError, first_image_size, read_gray_pair, read_stamp_file,
                               require_dir, require_file, warn)
 from vo.datasets.calib import Calibration, Undistorter, load_calibration
 from vo.eval.trajectory import TrajectoryError, read_kitti
@@ -103,12 +102,11 @@ class KittiSource(Source):
     def _frames(self, mode: str) -> Iterator[Frame]:
         size = (self.camera.width, self.camera.height)
         for index, (stamp, left_path) in enumerate(zip(self.stamps, self.left_paths)):
-            left = read_sized_image(left_path, cv2.IMREAD_GRAYSCALE, size)
-            right = None
-            if left is not None and mode == "stereo":
-                right = read_sized_image(self.right_paths[index], cv2.IMREAD_GRAYSCALE, size)
-            if left is None or (mode == "stereo" and right is None):
+            stereo = mode == "stereo"
+            pair = read_gray_pair(left_path, self.right_paths[index] if stereo else None, stereo, size)
+            if pair is None:
                 continue
+            left, right = pair
             if self.undistort is not None:
                 left, right = self.undistort(left), (self.undistort(right) if right is not None else None)
             yield Frame(index, float(stamp), left, right=right, path=str(left_path))

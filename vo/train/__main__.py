@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from vo.datasets.real_images import DEFAULT_DATA
 
