@@ -13,6 +13,7 @@ F toggles follow (off: mouse navigation), Q / Esc closes it.
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import queue
@@ -256,6 +257,8 @@ def viewer_main(updates, status, stop, window_closed, options: ViewerOptions) ->
         os.nice(options.nice)
     except (AttributeError, OSError):
         pass   # not POSIX, or not allowed: run at normal priority
+    # Software GL (llvmpipe) would otherwise start one render thread per core against the tracker.
+    os.environ.setdefault("LP_NUM_THREADS", "1")
     try:
         import open3d as o3d
         if hasattr(o3d.utility, "set_verbosity_level"):
@@ -267,12 +270,15 @@ def viewer_main(updates, status, stop, window_closed, options: ViewerOptions) ->
     status.put(READY)
     try:
         period = 1.0 / options.frame_rate_hz
-        while not stop.is_set():
+        idle_redraw_every = max(1, int(options.frame_rate_hz / 2))   # ~2 Hz when nothing arrives
+        for tick in itertools.count():
+            if stop.is_set():
+                break
             started = time.monotonic()
             latest = newest(updates)
             if latest is not None:
                 window.show(latest)
-            if not window.redraw():
+            if not window.redraw(render=latest is not None or tick % idle_redraw_every == 0):
                 break   # the user closed the window
             time.sleep(max(0.0, period - (time.monotonic() - started)))
     finally:
@@ -362,10 +368,12 @@ class LiveMapWindow:
         self.target = target if self.target is None else 0.7 * self.target + 0.3 * target
         set_view(self.vis, self.eye, self.target, up, 20.0 * depth)
 
-    def redraw(self) -> bool:
+    def redraw(self, render: bool = True) -> bool:
+        """Handle window events; render only when asked (new data, or the idle rate). False once closed."""
         if not self.vis.poll_events():
             return False
-        self.vis.update_renderer()
+        if render:
+            self.vis.update_renderer()
         return True
 
     def destroy(self) -> None:
