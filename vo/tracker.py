@@ -129,6 +129,7 @@ class TrackerSnapshot:
     num_points: int              # in memory
     keypoints: np.ndarray        # (T,2) tracked keypoints of this frame
     point_ids: np.ndarray        # (T,) the map point each of them observes
+    outliers: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (O,2) matched, rejected by PnP
     event: str | None = None
     _map_view: Callable[[], MapView] | None = field(default=None, repr=False)
 
@@ -165,6 +166,7 @@ class Tracker:
         self.has_tracked = False             # any segment initialised yet (for mono scale)
         self.lost_frames = 0
         self.last_tracked = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # (keypoint, point)
+        self.last_outliers = np.zeros(0, np.int64)   # keypoints matched to the map but rejected
 
     # --- per frame ---------------------------------------------------------------------
 
@@ -173,6 +175,7 @@ class Tracker:
         obs = self.observe(frame, features, right_features)
         self._event, self._is_keyframe = None, False
         self.last_tracked = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        self.last_outliers = np.zeros(0, np.int64)
         if self.state == TrackerState.TRACKING:
             if not self._track_local_map(obs):
                 self._set_lost(obs)
@@ -205,7 +208,7 @@ class Tracker:
             num_matches=len(keypoint_idx), is_keyframe=self._is_keyframe,
             num_keyframes=len(self.map.keyframe_poses), num_active_keyframes=len(self.map.keyframes),
             num_points=len(self.map.points), keypoints=obs.keypoints[keypoint_idx], point_ids=point_ids.copy(),
-            event=self._event, _map_view=self.map_view)
+            outliers=obs.keypoints[self.last_outliers], event=self._event, _map_view=self.map_view)
 
     def map_view(self) -> MapView:
         ids = self.map.points.alive_ids()
@@ -252,7 +255,7 @@ class Tracker:
         result = self._localise(obs, predicted)
         if result is None:
             return False
-        pose, keypoint_idx, point_idx = result
+        pose, keypoint_idx, point_idx, self.last_outliers = result
         self.velocity = pose @ invert(self.last_pose)
         self.last_pose = pose
         self.last_tracked = (keypoint_idx, point_idx)
@@ -266,7 +269,7 @@ class Tracker:
         """Projection search + RANSAC PnP around ``predicted`` (widened if that fails),
         then a tight search around the estimate and refinement.
 
-        Returns (cam_from_world, inlier keypoint indices, their point ids) or None.
+        Returns (cam_from_world, inlier keypoint indices, their point ids, outlier keypoint indices) or None.
         """
         cfg = self.config
         ids = self.local_point_ids
@@ -292,7 +295,7 @@ class Tracker:
             return None
         self.map.points.times_visible[ids[visible]] += 1
         self.map.points.times_found[ids[point_idx[inliers]]] += 1
-        return pose, keypoint_idx[inliers], ids[point_idx[inliers]]
+        return pose, keypoint_idx[inliers], ids[point_idx[inliers]], keypoint_idx[~inliers]
 
     def _need_keyframe(self, obs: Observation, keypoint_idx: np.ndarray, point_ids: np.ndarray) -> bool:
         """ORB-SLAM's rules: a maximum interval, too few of the reference's points

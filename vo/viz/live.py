@@ -86,9 +86,13 @@ class RunViews:
             raise KeyboardInterrupt("quit from the tracks window")
 
     def show_tracks(self, frame, snapshot) -> None:
-        trails = self.history.update(snapshot.keypoints, snapshot.point_ids)
+        # outliers (matched to the map, rejected by PnP) join as untracked heads drawn as crosses
+        keypoints = np.concatenate([snapshot.keypoints, snapshot.outliers])
+        ids = np.concatenate([snapshot.point_ids, np.full(len(snapshot.outliers), -1)])
+        inliers = np.arange(len(keypoints)) < len(snapshot.keypoints)
+        trails = self.history.update(keypoints, ids)
         hud = make_hud(frame.index, self.fps.tick(), snapshot.state, snapshot.num_matches, snapshot.num_points)
-        image = draw_tracks(frame.image, trails, None, hud)
+        image = draw_tracks(frame.image, trails, inliers, hud)
         if self.options.video_path:
             if self.video is None:
                 self.video = VideoSink(self.options.video_path, self.options.video_fps, image.shape[1::-1])
