@@ -38,7 +38,7 @@ class ViewerOptions:
     title: str = "spvo map"
     width: int = 1280
     height: int = 800
-    max_rate_hz: float = 5.0       # snapshots sent per second, at most
+    max_rate_hz: float = 3.0       # snapshots sent per second, at most
     max_points: int = 200_000      # more are thinned evenly before sending
     max_path_points: int = 50_000  # trajectory / ground truth vertices, likewise
     point_size: float = 3.0
@@ -270,7 +270,7 @@ def viewer_main(updates, status, stop, window_closed, options: ViewerOptions) ->
     status.put(READY)
     try:
         period = 1.0 / options.frame_rate_hz
-        idle_redraw_every = max(1, int(options.frame_rate_hz / 2))   # ~2 Hz when nothing arrives
+        idle_redraw_every = max(1, int(options.frame_rate_hz))   # ~1 Hz when nothing arrives
         for tick in itertools.count():
             if stop.is_set():
                 break

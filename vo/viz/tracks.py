@@ -234,15 +234,22 @@ def draw_trails(canvas: np.ndarray, fixed: np.ndarray, lengths: np.ndarray, bins
         cv2.polylines(canvas, lines, False, bin_colour(int(b), lut), size, cv2.LINE_AA, SUBPIXEL_BITS)
 
 
+def stamp_offsets(size: int, cross: bool) -> np.ndarray:
+    """(K,2) pixel offsets of a filled disc, or of an X, of radius 2*size."""
+    r = 2 * size
+    dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
+    keep = (np.abs(np.abs(dx) - np.abs(dy)) < size) if cross else (dx ** 2 + dy ** 2 <= r * r)
+    return np.stack([dx[keep], dy[keep]], axis=1)
+
+
 def draw_heads(canvas: np.ndarray, heads: np.ndarray, inliers: np.ndarray, size: int) -> None:
-    radius = (2 * size) << SUBPIXEL_BITS
-    arm = (2 * size + 1) << SUBPIXEL_BITS
-    for (x, y), inlier in zip(heads.tolist(), inliers.tolist()):
-        if inlier:
-            cv2.circle(canvas, (x, y), radius, INLIER_COLOUR, -1, cv2.LINE_AA, SUBPIXEL_BITS)
-        else:
-            cv2.line(canvas, (x - arm, y - arm), (x + arm, y + arm), OUTLIER_COLOUR, size, cv2.LINE_AA, SUBPIXEL_BITS)
-            cv2.line(canvas, (x - arm, y + arm), (x + arm, y - arm), OUTLIER_COLOUR, size, cv2.LINE_AA, SUBPIXEL_BITS)
+    """Inliers as green discs, outliers as red crosses, stamped in one numpy write each (no per-point calls)."""
+    h, w = canvas.shape[:2]
+    centres = np.round(heads / (1 << SUBPIXEL_BITS)).astype(np.int64)
+    for chosen, cross, colour in ((inliers, False, INLIER_COLOUR), (~inliers, True, OUTLIER_COLOUR)):
+        pixels = (centres[chosen][:, None, :] + stamp_offsets(size, cross)[None]).reshape(-1, 2)
+        inside = (pixels[:, 0] >= 0) & (pixels[:, 0] < w) & (pixels[:, 1] >= 0) & (pixels[:, 1] < h)
+        canvas[pixels[inside, 1], pixels[inside, 0]] = colour
 
 
 def format_hud_value(value) -> str:
