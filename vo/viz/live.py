@@ -77,7 +77,8 @@ class RunViews:
         """Called by the pipeline after each frame; raising KeyboardInterrupt stops the run cleanly."""
         self.positions.append(snapshot.world_from_cam[:3, 3].copy())
         needs_tracks = self.window is not None or self.options.video_path
-        self.colours.observe(frame.image, snapshot.keypoints, snapshot.point_ids)
+        if self.viewer is not None or self.options.collect_map:   # only the map views use colours
+            self.colours.observe(frame.image, snapshot.keypoints, snapshot.point_ids)
         if needs_tracks:
             self.show_tracks(frame, snapshot)
         if snapshot.is_keyframe or frame.index % self.options.map_every == 0:
