@@ -5,7 +5,8 @@
 Speed: median ms/call over ``--runs`` calls after warm-up, for fp32 (the baseline,
 measured in the same run) and each reduced precision this device really runs
 (bf16 on a CPU with bf16 units, fp16 on CUDA). ``--force-precisions`` also times
-precisions that ``select_precision`` would replace by fp32 (e.g. emulated bf16).
+precisions that ``select_precision`` would replace by fp32 (e.g. emulated bf16), and
+int8 (SuperPoint only: static quantisation, calibrated on its first input).
 Timing does not depend on the weights, so random ones are used.
 
 Fidelity (real images, HPatches v_churchill 1 vs 2): SuperPoint keypoints of the
@@ -120,6 +121,8 @@ def bench_superglue(device, precs, keypoints, runs) -> None:
         f0, f1 = random_features(n, 0, device), random_features(n, 1, device)
         base = None
         for p in precs:
+            if p == "int8":   # SuperPoint only
+                continue
             sg.precision = p
             ms, cpu = time_call(lambda: sg.match(f0, f1), device, runs)
             base = base or ms
@@ -155,8 +158,12 @@ def churchill_images():
     return [cv2.imread(str(root / f"{k}.ppm")) for k in (1, 2)]
 
 
-def superpoint_fidelity(build, precision, image) -> str:
-    ref, low = build("fp32").extract(image), build(precision).extract(image)
+def superpoint_fidelity(build, precision, image, calibration_image) -> str:
+    """Keypoints and descriptors of ``precision`` against fp32; int8 calibrates on another image."""
+    low_model = build(precision)
+    if precision == "int8":
+        low_model.extract(calibration_image)
+    ref, low = build("fp32").extract(image), low_model.extract(image)
     k32, k16 = ref["keypoints"].float().cpu(), low["keypoints"].float().cpu()
     if len(k32) == 0 or len(k16) == 0:
         return "no keypoints"
@@ -211,7 +218,7 @@ def fidelity(device, precs, build, sp_weights, sg_weights, n) -> None:
     if build is not None:
         print(f"  SuperPoint weights: {'given/shipped' if real_sp else 'random (keypoints of a random net are fragile)'}")
         for p in reduced:
-            print(f"  SuperPoint {p}: {superpoint_fidelity(build, p, images[0])}")
+            print(f"  SuperPoint {p}: {superpoint_fidelity(build, p, images[0], images[1])}")
     if sg_weights is not False and real_sp and build is not None:
         sg = SuperGlue(weights=sg_weights, device=device, precision="fp32")
         sp = build("fp32")
@@ -222,7 +229,8 @@ def fidelity(device, precs, build, sp_weights, sg_weights, n) -> None:
         feats = [padded_rootsift(im, n) for im in images]
         print(f"  SuperGlue: similarity matcher on RootSIFT padded to 256-d ({len(feats[0]['keypoints'])} kp)")
     for p in reduced:
-        print(f"  SuperGlue {p}: {superglue_fidelity(sg, p, *feats)}")
+        if p != "int8":   # SuperPoint only
+            print(f"  SuperGlue {p}: {superglue_fidelity(sg, p, *feats)}")
 
 
 # ---------------------------------------------------------------- main
@@ -242,8 +250,9 @@ def main(argv=None) -> None:
     parser.add_argument("--keypoints", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--force-precisions", nargs="*", default=[], choices=["bf16", "fp16"],
-                        help="also time these where select_precision would fall back to fp32")
+    parser.add_argument("--force-precisions", nargs="*", default=[], choices=["bf16", "fp16", "int8"],
+                        help="also time these where select_precision would fall back to fp32 "
+                             "(int8: SuperPoint only, calibrated on its first input)")
     parser.add_argument("--fidelity-keypoints", type=int, default=1024)
     parser.add_argument("--superpoint-weights", default=None)
     parser.add_argument("--superglue-weights", default=None)

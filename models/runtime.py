@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # int8: CPU, SuperPoint only, opt-in
 
 
 def select_device(device: str | torch.device | None = None) -> torch.device:
@@ -35,6 +35,8 @@ def select_precision(device: torch.device, precision: str | None = None) -> str:
     if precision is not None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "int8" and device.type != "cpu":
+            raise ValueError("precision 'int8' runs on the CPU only; use 'fp16' on CUDA")
         if precision == "fp16" and device.type != "cuda":
             raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' on the CPU")
         if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
@@ -47,7 +49,7 @@ def select_precision(device: torch.device, precision: str | None = None) -> str:
 
 def autocast(device: torch.device, precision: str):
     """Autocast context for ``precision`` (a no-op for fp32)."""
-    if precision == "fp32":
+    if precision in ("fp32", "int8"):   # int8 networks take and return float tensors
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)

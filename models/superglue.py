@@ -320,6 +320,8 @@ class SuperGlue(nn.Module):
             load_checked(self, weights, state)
         self.weights = weights
         self.device = select_device(device)
+        if precision == "int8":
+            raise ValueError("precision 'int8' is for SuperPoint only; SuperGlue runs fp32, bf16 or fp16")
         self.precision = select_precision(self.device, precision)
         self.to(self.device).eval()
 

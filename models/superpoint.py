@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantize import quantize_static
 from .runtime import autocast, select_device, select_precision
 from .weights import WeightsError, default_weights, load_checked, read_state_dict
 
@@ -23,6 +24,7 @@ default_conf = {
     "max_keypoints": 1024,   # -1 keeps all
     "remove_borders": 4,
     "cell": 8,
+    "subpixel": True,        # refine peaks by a quadratic fit on the log-heatmap (not in the paper)
 }
 
 
@@ -158,6 +160,31 @@ def select_keypoints(heatmap: torch.Tensor, threshold: float, border: int, max_k
     return keypoints.float(), scores
 
 
+def refine_subpixel(heatmap: torch.Tensor, keypoints: torch.Tensor) -> torch.Tensor:
+    """Move integer (N,2) x,y peaks of one (H,W) heatmap to the vertex of a 1D parabola per axis.
+
+    The fit is on the log-probabilities, which is exact for a Gaussian-shaped peak; offsets are
+    clipped to half a pixel so that a flat neighbourhood cannot move a keypoint off its pixel.
+    """
+    if len(keypoints) == 0:
+        return keypoints
+    height, width = heatmap.shape
+    logp = heatmap.clamp_min(1e-6).log()
+    x, y = keypoints[:, 0].long(), keypoints[:, 1].long()
+    offsets = []
+    for dx, dy, size in ((1, 0, width), (0, 1, height)):
+        coord = x if dx else y
+        lo, hi = (coord - 1).clamp(0, size - 1), (coord + 1).clamp(0, size - 1)
+        f_minus = logp[y, lo] if dx else logp[lo, x]
+        f_plus = logp[y, hi] if dx else logp[hi, x]
+        f_centre = logp[y, x]
+        curvature = f_minus + f_plus - 2 * f_centre
+        step = torch.where(curvature < 0, 0.5 * (f_minus - f_plus) / curvature.clamp(max=-1e-6),
+                           torch.zeros_like(curvature))
+        offsets.append(step.clamp(-0.5, 0.5))
+    return keypoints + torch.stack(offsets, dim=1)
+
+
 def sample_descriptors(keypoints: torch.Tensor, descriptors: torch.Tensor, cell: int = 8) -> torch.Tensor:
     """Bilinearly sample (B,D,h,w) descriptors at (B,N,2) pixel keypoints -> (B,N,D), unit length.
 
@@ -203,7 +230,8 @@ class SuperPoint:
 
     ``weights``: None = the project's shipped default, a path to a state dict in the
     official layout, or False for random initialisation (training, benchmarks).
-    ``precision``: "fp32", "bf16" (CPU with bf16 units) or "fp16" (CUDA); default fastest faithful.
+    ``precision``: "fp32", "bf16" (CPU with bf16 units), "fp16" (CUDA) or "int8" (CPU, opt-in:
+    calibrated on the first images it extracts); default fastest faithful.
     """
 
     def __init__(self, weights=None, max_keypoints: int = 1024, nms_radius: int = 4,
@@ -220,6 +248,7 @@ class SuperPoint:
             net = build_net(weights, self.conf["descriptor_dim"])
         self.weights = weights
         self.net = net.eval().to(self.device, memory_format=torch.channels_last)
+        self.int8_net = None   # built from the first input when precision == "int8"
 
     @torch.inference_mode()
     def extract(self, image) -> dict:
@@ -234,20 +263,30 @@ class SuperPoint:
         height, width = images.shape[-2:]
         logits, descriptors = self.forward_dense(images)
         heatmaps = logits_to_heatmap(logits, self.conf["cell"])[:, :height, :width]
-        heatmaps = simple_nms(heatmaps, self.conf["nms_radius"])
+        peaks = simple_nms(heatmaps, self.conf["nms_radius"])
         size = torch.tensor([width, height], device=self.device)
         out = []
-        for heatmap, desc in zip(heatmaps, descriptors):
-            kpts, scores = select_keypoints(heatmap, self.conf["keypoint_threshold"],
+        for heatmap, peak_map, desc in zip(heatmaps, peaks, descriptors):
+            kpts, scores = select_keypoints(peak_map, self.conf["keypoint_threshold"],
                                             self.conf["remove_borders"], self.conf["max_keypoints"])
+            if self.conf["subpixel"]:
+                kpts = refine_subpixel(heatmap, kpts)
             desc = sample_descriptors(kpts[None], desc[None], self.conf["cell"])[0]
             out.append({"keypoints": kpts, "scores": scores, "descriptors": desc, "image_size": size})
         return out
+
+    def network(self, images: torch.Tensor):
+        """The module to run: the float network, or its int8 copy calibrated on ``images``."""
+        if self.precision != "int8":
+            return self.net
+        if self.int8_net is None:
+            self.int8_net = quantize_static(self.net, [images.contiguous()])
+        return self.int8_net
 
     def forward_dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Network pass in the chosen precision; returns fp32 logits and unit descriptors."""
         images = pad_to_multiple(images, self.conf["cell"]).contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
-            logits, descriptors = self.net(images)
+            logits, descriptors = self.network(images)(images)
         descriptors = F.normalize(descriptors.float(), p=2, dim=1)
         return logits.float(), descriptors

@@ -1,13 +1,18 @@
 """SuperPoint: post-processing on constructed inputs, weight loading and its errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import cv2
 import numpy as np
 import pytest
 import torch
 
-from models.superpoint import (SuperPoint, SuperPointNet, logits_to_heatmap, sample_descriptors,
+from models.superpoint import (SuperPoint, SuperPointNet, logits_to_heatmap, refine_subpixel, sample_descriptors,
                                select_keypoints, simple_nms)
 from models.weights import WeightsError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 OFFICIAL_SHAPES = {
     "conv1a": (64, 1), "conv1b": (64, 64), "conv2a": (64, 64), "conv2b": (64, 64),
@@ -158,3 +163,36 @@ def test_opencv_max_filter_equals_max_pooling():
     pooled = torch.nn.functional.max_pool2d(x, kernel_size=9, stride=1, padding=4)
     assert torch.equal(max_filter(x, 4), pooled)
     assert torch.equal(max_filter(x.requires_grad_(), 4), pooled)   # the differentiable path
+
+
+def test_subpixel_refinement_recovers_the_centre_of_a_gaussian_peak():
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(40.0), indexing="ij")
+    centre = torch.tensor([17.3, 11.8])   # x, y
+    heatmap = torch.exp(-((xs - centre[0]) ** 2 + (ys - centre[1]) ** 2) / (2 * 1.2 ** 2)) * 0.5
+    peak = torch.tensor([[17.0, 12.0]])
+    refined = refine_subpixel(heatmap, peak)
+    assert torch.allclose(refined[0], centre, atol=1e-3)
+
+
+def test_subpixel_refinement_stays_within_half_a_pixel_on_flat_or_border_peaks():
+    heatmap = torch.zeros(16, 16)
+    heatmap[0, 5] = 0.3          # a one-pixel spike at the border: nothing to fit on one side
+    heatmap[8, 8:11] = 0.2       # a plateau
+    peaks = torch.tensor([[5.0, 0.0], [9.0, 8.0]])
+    refined = refine_subpixel(heatmap, peaks)
+    assert (refined - peaks).abs().max() <= 0.5
+    assert torch.equal(refined[1], peaks[1])
+
+
+def test_int8_superpoint_calibrates_on_its_first_input_and_keeps_the_keypoints(shared_data):
+    """Static int8 on a real image with trained weights: nearly every fp32 keypoint is found within 1 px."""
+    image = cv2.imread(str(shared_data / "hpatches" / "v_churchill" / "1.ppm"), cv2.IMREAD_GRAYSCALE)
+    image = cv2.resize(image, (640, 480), interpolation=cv2.INTER_AREA)
+    fp32 = SuperPoint(weights=ROOT / "weights" / "magicpoint_synthetic.pth", precision="fp32", max_keypoints=-1).extract(image)
+    int8_model = SuperPoint(weights=ROOT / "weights" / "magicpoint_synthetic.pth", precision="int8", max_keypoints=-1)
+    assert int8_model.int8_net is None
+    int8 = int8_model.extract(image)
+    assert int8_model.int8_net is not None
+    dist = torch.cdist(fp32["keypoints"], int8["keypoints"]).min(1).values
+    assert len(fp32["keypoints"]) > 200
+    assert (dist <= 1.0).float().mean() > 0.8

@@ -275,6 +275,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=24, help="random-homography pairs per warp strength (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random homographies (default 0)")
     parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
+    parser.add_argument("--threshold", type=float, default=0.005,
+                        help="detection threshold of MagicPoint/SuperPoint (default 0.005, as released)")
     args = parser.parse_args(argv)
     if args.pairs < 1:
         parser.error("--pairs must be at least 1")
@@ -283,10 +285,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def superpoint_method(name: str, weights, detector_only: bool) -> Method:
+def superpoint_method(name: str, weights, detector_only: bool, threshold: float = 0.005) -> Method:
     from models.superpoint import SuperPoint
     # fp32 on purpose: the metrics describe the network, not a reduced-precision run.
-    model = SuperPoint(weights=weights, max_keypoints=MAX_KEYPOINTS, precision="fp32")
+    model = SuperPoint(weights=weights, max_keypoints=MAX_KEYPOINTS, keypoint_threshold=threshold, precision="fp32")
     return Method(name, model.extract, detector_only)
 
 
@@ -306,12 +308,14 @@ def build_methods(args) -> tuple[list[Method], list[str]]:
     if magicpoint is None:
         notes.append("MagicPoint: no shipped weights/magicpoint_*.pth; skipped (pass --magicpoint PATH)")
     else:
-        methods.append(superpoint_method(f"MagicPoint ({magicpoint})", magicpoint, detector_only=True))
+        methods.append(superpoint_method(f"MagicPoint ({magicpoint})", magicpoint, detector_only=True,
+                                         threshold=args.threshold))
     superpoints = args.superpoint or ([shipped["superpoint"]] if shipped["superpoint"] else [])
     if not superpoints:
         notes.append("SuperPoint: no shipped weights/superpoint_*.pth; skipped (pass --superpoint PATH)")
     for path in superpoints:
-        methods.append(superpoint_method(f"SuperPoint ({path})", path, detector_only=False))
+        methods.append(superpoint_method(f"SuperPoint ({path})", path, detector_only=False,
+                                         threshold=args.threshold))
     methods += [Method("ORB", ORB(max_keypoints=MAX_KEYPOINTS).extract),
                 Method("SIFT", SIFT(max_keypoints=MAX_KEYPOINTS).extract)]
     return methods, notes
