@@ -5,18 +5,27 @@ Extractors: ``extract(image) -> {"keypoints" (N,2) x,y px, "scores" (N,),
 Matchers: ``match(feats0, feats1) -> {"matches" (K,2), "scores" (K,)}``.
 """
 
-EXTRACTORS = ("superpoint", "orb", "sift")
+EXTRACTORS = ("superpoint", "superpointvo", "orb", "sift")
 MATCHERS = ("superglue", "mnn")
 
 
 def build_extractor(name: str, **kw):
-    """'superpoint' | 'orb' | 'sift' -> an extractor; ``kw`` go to its constructor.
+    """'superpoint' | 'superpointvo' | 'orb' | 'sift' -> an extractor; ``kw`` go to its constructor.
+
+    'superpointvo' is SuperPoint with the shipped ``weights/superpointvo_*.pth`` (fine-tuned on
+    VO stability labels, ``python -m vo.train superpointvo``) unless ``weights=`` is given.
 
     Imports are lazy so the classical path never loads the networks.
     """
     key = name.lower()
     if key == "superpoint":
         from .superpoint import SuperPoint
+        return SuperPoint(**kw)
+    if key == "superpointvo":
+        from .superpoint import SuperPoint
+        from .weights import default_weights
+        if kw.get("weights") is None:
+            kw["weights"] = default_weights("superpointvo_*.pth")
         return SuperPoint(**kw)
     if key == "orb":
         from .classical import ORB

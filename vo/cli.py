@@ -85,7 +85,9 @@ def build_frontend(args) -> Frontend:
         pattern = f"{features}_*.pth"
         path = shipped(pattern, args.weights)
         if path is None:
-            raise UsageError(f"{args.weights or ROOT / 'weights'}: no {pattern} weights found")
+            stage = "superpointvo --labels DIR" if features == "superpointvo" else "superpoint"
+            raise UsageError(f"{args.weights or ROOT / 'weights'}: no {pattern} weights found "
+                             f"(train them with `python -m vo.train {stage}`, see weights/README.md)")
         extractor = build_extractor("superpoint", weights=path, max_keypoints=args.max_keypoints)
     else:
         extractor = build_extractor(features, max_keypoints=max(args.max_keypoints, 1500))
@@ -234,16 +236,21 @@ def run(args) -> int:
     return 0 if not result.interrupted or "KeyboardInterrupt" in (result.error or "") else 1
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-
+def run_reporting_bad_input(run_command, args) -> int:
+    """``run_command(args)``; bad input becomes a one-line error and exit code 2, no traceback."""
     from models.weights import WeightsError
     from vo.datasets import SourceError
     try:
-        return run(args)
+        return run_command(args)
     except (UsageError, SourceError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run_reporting_bad_input(run, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -4,6 +4,7 @@
     python -m vo.train adapt --detector runs/magicpoint/magicpoint.pth --out runs/ha_labels
     python -m vo.train superpoint --labels runs/ha_labels --run runs/superpoint
     python -m vo.train superglue --features-from runs/superpoint/superpoint.pth --run runs/superglue
+    python -m vo.train superpointvo --labels runs/selflabel --init weights/superpoint_*.pth --run runs/superpointvo
 """
 from __future__ import annotations
 
@@ -53,6 +54,14 @@ def main(argv=None) -> int:
     sg.add_argument("--steps", type=int)
     sg.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override default_conf, e.g. layers=4 batch_size=1 data.homography.pairs_per_image=2")
+    spvo = sub.add_parser("superpointvo", help="SuperPoint fine-tuned on VO stability labels (python -m vo.selflabel)")
+    spvo.add_argument("--labels", required=True, metavar="DIR", help="a vo.selflabel output folder")
+    spvo.add_argument("--init", default=None,
+                     help="weights to fine-tune (default: the newest weights/superpoint_*.pth; 'none' for scratch)")
+    spvo.add_argument("--run", default="runs/superpointvo")
+    spvo.add_argument("--steps", type=int)
+    spvo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                     help="override default_conf, e.g. ha_labels=runs/ha_labels/labels.npz lr=1e-4")
     args = parser.parse_args(argv)
 
     conf = parse_overrides(args.set)
@@ -71,6 +80,14 @@ def main(argv=None) -> int:
     elif args.stage == "superglue":
         from vo.train import superglue
         print(f"weights: {superglue.train(args.features_from, args.run, args.data, conf)}")
+    elif args.stage == "superpointvo":
+        from models.weights import WeightsError
+        from vo.train import superpointvo
+        try:
+            print(f"weights: {superpointvo.train(args.labels, args.run, args.init, conf)}")
+        except (WeightsError, FileNotFoundError) as e:   # no labels or no weights yet: one line
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

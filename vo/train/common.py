@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -90,3 +91,37 @@ def export_weights(model: torch.nn.Module, path: str | Path) -> Path:
     torch.save(state, tmp)
     os.replace(tmp, path)
     return path
+
+
+def fit(net: torch.nn.Module, optimizer, run_dir: Path, conf: dict, out_name: str,
+        loss_at_step: Callable[[int], dict], postfix: dict[str, str]) -> Path:
+    """The loop the SuperPoint stages share: resume, step, log, checkpoint, export.
+
+    ``loss_at_step(step)`` returns named scalar losses, "total" among them; ``postfix`` maps
+    progress-bar labels to those names. Ctrl-C or SIGTERM saves a checkpoint and stops.
+    """
+    from tqdm import tqdm
+
+    checkpoint, log = Checkpoint(run_dir), TrainLog(run_dir)
+    step, _ = checkpoint.load(net, optimizer)
+    bar = tqdm(total=conf["steps"], initial=step, desc=out_name.removesuffix(".pth"), unit="step")
+    try:
+        while step < conf["steps"]:
+            parts = loss_at_step(step)
+            optimizer.zero_grad(set_to_none=True)
+            parts["total"].backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix({label: f"{parts[name].item():.3f}" for label, name in postfix.items()})
+            if step % conf["log_every"] == 0:
+                log.write(step, **{k: v.item() for k, v in parts.items()})
+            if step % conf["checkpoint_every"] == 0:
+                checkpoint.save(net, optimizer, step)
+            if step % conf["export_every"] == 0:
+                export_weights(net, run_dir / out_name)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {step}; resume with the same command")
+    checkpoint.save(net, optimizer, step)
+    bar.close()
+    return export_weights(net, run_dir / out_name)

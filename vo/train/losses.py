@@ -88,3 +88,54 @@ def descriptor_loss(desc0: torch.Tensor, desc1: torch.Tensor, homographies: torc
         valid = (F.avg_pool2d(valid_mask1[:, None].float(), cell)[:, 0] > 0.999).reshape(b, 1, -1).float()
         return (loss * valid).sum() / (valid.sum() * hc * wc).clamp(min=1.0)
     return loss.mean()
+
+
+def stability_loss(logits: torch.Tensor, label_map: torch.Tensor, cell: int = 8,
+                   unstable_weight: float = 1.0, unstable: str = "dustbin",
+                   valid_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SuperPointVO's detector supervision from VO stability labels.
+
+    Self-Improving Visual Odometry (DeTone, Malisiewicz, Rabinovich, arXiv 1812.03245; the
+    labelling rule is in shared/reference/recipes.md): a point tracked for 10+ frames is
+    *stable* when its mean reprojection error after bundle adjustment is <= 1 px and
+    *unstable* when its max error is >= 5 px; every other pixel is *ignored*. The detector is
+    trained on these labels with the same 65-way cell classification as SuperPoint:
+
+    - a cell holding stable points is a positive: -log of the probability of its stable
+      positions (plain cross-entropy when there is one; any of them satisfies it when several);
+    - ``unstable="dustbin"``: a cell holding unstable but no stable points is pushed to the
+      dustbin (cross-entropy towards class 64);
+      ``unstable="pixel"``: instead, each unstable pixel's probability is lowered,
+      -log(1 - p), leaving the rest of its cell free;
+    - cells with neither (and, given ``valid_mask`` (B,H,W), cells not fully inside a warp)
+      carry no loss.
+
+    logits: (B,65,Hc,Wc); label_map: (B,H,W) integers, 1 stable, 0 unstable, -1 ignored.
+    Returns the mean over labelled cells (unstable ones weighted by ``unstable_weight``);
+    0 when nothing is labelled.
+    """
+    if unstable not in ("dustbin", "pixel"):
+        raise ValueError(f"unstable must be 'dustbin' or 'pixel', got {unstable!r}")
+    logp = F.log_softmax(logits.float(), dim=1)                          # (B,65,Hc,Wc)
+    stable = F.pixel_unshuffle((label_map == 1)[:, None].float(), cell)   # (B,64,Hc,Wc)
+    unstable_px = F.pixel_unshuffle((label_map == 0)[:, None].float(), cell)
+    has_stable = stable.sum(1) > 0                                       # (B,Hc,Wc)
+    has_unstable = unstable_px.sum(1) > 0
+    weights = torch.ones_like(has_stable, dtype=logp.dtype)
+    if valid_mask is not None:
+        weights = weights * (F.avg_pool2d(valid_mask[:, None].float(), cell)[:, 0] > 0.999).float()
+    # A finite fill instead of -inf keeps the gradient of unlabelled cells finite (then zeroed).
+    positive = -torch.logsumexp(logp[:, :-1].masked_fill(stable == 0, -1e4), dim=1)
+    positive_w = has_stable.float() * weights
+    if unstable == "dustbin":
+        negative = -logp[:, -1]
+        negative_w = (has_unstable & ~has_stable).float() * weights
+        negative_count = negative_w
+    else:
+        p = logp[:, :-1].exp().clamp(max=1 - 1e-6)
+        negative = -(torch.log1p(-p) * unstable_px).sum(1)               # summed over the cell's unstable pixels
+        negative_w = has_unstable.float() * weights
+        negative_count = unstable_px.sum(1) * weights
+    total = (positive * positive_w).sum() + unstable_weight * (negative * negative_w).sum()
+    count = positive_w.sum() + unstable_weight * negative_count.sum()
+    return total / count.clamp(min=1.0)

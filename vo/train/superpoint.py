@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from models.superpoint import SuperPointNet, build_net, channels_from_state_dict
 from vo.datasets.real_images import DEFAULT_DATA, load_gray
 from vo.datasets.synthetic_shapes import keypoint_map, photometric_augment
 from vo.geometry.homography import filter_inside, pair_conf, sample_homography, warp_image, warp_points
 from vo.train import losses
-from vo.train.common import Checkpoint, TrainLog, export_weights, setup_cpu, step_rng
+from vo.train.common import fit, setup_cpu, step_rng
 
 default_conf = {
     "channels": (16, 32, 64, 64, 128),
@@ -103,27 +102,9 @@ def train(labels: str | Path, run_dir: str | Path, init: str | Path | None = Non
     dataset = LabelledImages(labels)
     net = init_net(conf, init).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=conf["lr"])
-    checkpoint, log = Checkpoint(run_dir), TrainLog(run_dir)
-    step, _ = checkpoint.load(net, optimizer)
-    bar = tqdm(total=conf["steps"], initial=step, desc=out_name.removesuffix(".pth"), unit="step")
-    try:
-        while step < conf["steps"]:
-            batch = make_batch(dataset, step_rng(conf["seed"], step), conf["batch_size"])
-            parts = pair_loss(net, *batch, step, conf)
-            optimizer.zero_grad(set_to_none=True)
-            parts["total"].backward()
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(det=f"{parts['det'].item():.3f}", desc=f"{parts['desc'].item():.3f}")
-            if step % conf["log_every"] == 0:
-                log.write(step, **{k: v.item() for k, v in parts.items()})
-            if step % conf["checkpoint_every"] == 0:
-                checkpoint.save(net, optimizer, step)
-            if step % conf["export_every"] == 0:
-                export_weights(net, run_dir / out_name)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}; resume with the same command")
-    checkpoint.save(net, optimizer, step)
-    bar.close()
-    return export_weights(net, run_dir / out_name)
+
+    def loss_at_step(step: int) -> dict:
+        batch = make_batch(dataset, step_rng(conf["seed"], step), conf["batch_size"])
+        return pair_loss(net, *batch, step, conf)
+
+    return fit(net, optimizer, run_dir, conf, out_name, loss_at_step, {"det": "det", "desc": "desc"})
