@@ -56,6 +56,7 @@ ROWS = {
 FRONTENDS = {
     "orb+mnn": ("orb", "mnn"),
     "sift+mnn": ("sift", "mnn"),
+    "superpoint+mnn": ("superpoint", "mnn"),
     "superpoint+superglue": ("superpoint", "superglue"),
 }
 TARGET_FPS = 5.0
