@@ -160,29 +160,30 @@ def select_keypoints(heatmap: torch.Tensor, threshold: float, border: int, max_k
     return keypoints.float(), scores
 
 
+def parabola_vertex(f_minus: torch.Tensor, f_centre: torch.Tensor, f_plus: torch.Tensor) -> torch.Tensor:
+    """Offset of the maximum of the parabola through three samples at -1, 0, +1, clipped to
+    half a pixel; 0 where the samples do not curve downwards (flat or not a peak)."""
+    curvature = f_minus + f_plus - 2 * f_centre
+    step = 0.5 * (f_minus - f_plus) / curvature.clamp(max=-1e-6)
+    return torch.where(curvature < 0, step, torch.zeros_like(step)).clamp(-0.5, 0.5)
+
+
 def refine_subpixel(heatmap: torch.Tensor, keypoints: torch.Tensor) -> torch.Tensor:
     """Move integer (N,2) x,y peaks of one (H,W) heatmap to the vertex of a 1D parabola per axis.
 
-    The fit is on the log-probabilities, which is exact for a Gaussian-shaped peak; offsets are
-    clipped to half a pixel so that a flat neighbourhood cannot move a keypoint off its pixel.
+    The fit is on the log-probabilities, which is exact for a Gaussian-shaped peak.
     """
     if len(keypoints) == 0:
         return keypoints
     height, width = heatmap.shape
     logp = heatmap.clamp_min(1e-6).log()
     x, y = keypoints[:, 0].long(), keypoints[:, 1].long()
-    offsets = []
-    for dx, dy, size in ((1, 0, width), (0, 1, height)):
-        coord = x if dx else y
-        lo, hi = (coord - 1).clamp(0, size - 1), (coord + 1).clamp(0, size - 1)
-        f_minus = logp[y, lo] if dx else logp[lo, x]
-        f_plus = logp[y, hi] if dx else logp[hi, x]
-        f_centre = logp[y, x]
-        curvature = f_minus + f_plus - 2 * f_centre
-        step = torch.where(curvature < 0, 0.5 * (f_minus - f_plus) / curvature.clamp(max=-1e-6),
-                           torch.zeros_like(curvature))
-        offsets.append(step.clamp(-0.5, 0.5))
-    return keypoints + torch.stack(offsets, dim=1)
+    left, right = (x - 1).clamp(0, width - 1), (x + 1).clamp(0, width - 1)
+    up, down = (y - 1).clamp(0, height - 1), (y + 1).clamp(0, height - 1)
+    centre = logp[y, x]
+    dx = parabola_vertex(logp[y, left], centre, logp[y, right])
+    dy = parabola_vertex(logp[up, x], centre, logp[down, x])
+    return keypoints + torch.stack([dx, dy], dim=1)
 
 
 def sample_descriptors(keypoints: torch.Tensor, descriptors: torch.Tensor, cell: int = 8) -> torch.Tensor:

@@ -138,9 +138,7 @@ def _build_reconstruction(problem: BAProblem) -> tuple[pycolmap.Reconstruction, 
     cam = problem.camera
     stereo = problem.obs_right_x is not None and bool(problem.baseline)
     reconstruction = pycolmap.Reconstruction()
-    cameras = [pycolmap.Camera(model="PINHOLE", width=cam.width, height=cam.height,
-                               params=[cam.fx, cam.fy, cam.cx, cam.cy], camera_id=i + 1)
-               for i in range(2 if stereo else 1)]
+    cameras = [cam.to_colmap(camera_id=i + 1) for i in range(2 if stereo else 1)]
     rig = pycolmap.Rig(rig_id=1)
     for camera in cameras:
         reconstruction.add_camera(camera)

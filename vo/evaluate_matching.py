@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from vo.eval import features as F
+from vo.eval.metrics import rotation_angle_deg
 from vo.evaluate_features import (HPATCHES_SEQUENCE, InputError, print_report, Pair, hpatches_pairs, strong_conf,
                                   synthetic_pairs)
 
@@ -158,11 +159,6 @@ def angle_between(v0: np.ndarray, v1: np.ndarray) -> float:
     return float(np.rad2deg(np.arccos(np.clip(cos, -1.0, 1.0))))
 
 
-def rotation_angle(R: np.ndarray) -> float:
-    cos = (np.trace(R) - 1) / 2
-    return float(np.rad2deg(np.arccos(np.clip(cos, -1.0, 1.0))))
-
-
 def pose_error(T_0to1: np.ndarray, estimate) -> float:
     """max(rotation error, translation-direction error) in degrees; inf for a failed estimate.
 
@@ -174,7 +170,7 @@ def pose_error(T_0to1: np.ndarray, estimate) -> float:
     R, t = estimate
     error_t = angle_between(t, T_0to1[:3, 3])
     error_t = min(error_t, 180 - error_t)
-    error_R = rotation_angle(R.T @ T_0to1[:3, :3])
+    error_R = rotation_angle_deg(R.T @ T_0to1[:3, :3])
     return max(error_t, error_R)
 
 

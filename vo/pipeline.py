@@ -13,7 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from .tracker import FrameFeatures, Tracker, TrackerConfig, TrackerSnapshot, gray, to_numpy
+from .datasets.base import gray
+from .tracker import FrameFeatures, Tracker, TrackerConfig, TrackerSnapshot, to_numpy
 from .types import Frame
 
 

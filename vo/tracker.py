@@ -21,6 +21,7 @@ import pycolmap
 from scipy.spatial import cKDTree
 
 from .backend import BAConfig, local_bundle_adjustment
+from .datasets.base import gray
 from .map import NO_POINT, Keyframe, Map, invert, transform
 from .types import Camera, Frame
 
@@ -149,8 +150,7 @@ class Tracker:
         self.camera, self.mode = camera, mode
         self.config = config or TrackerConfig()
         self.matcher = matcher
-        self.colmap_camera = pycolmap.Camera(model="PINHOLE", width=camera.width, height=camera.height,
-                                             params=[camera.fx, camera.fy, camera.cx, camera.cy])
+        self.colmap_camera = camera.to_colmap()
         self.baseline = camera.baseline if mode == "stereo" else (
             self.config.rgbd_virtual_baseline if mode == "rgbd" else None)
         self.state = TrackerState.INITIALISING
@@ -686,10 +686,6 @@ def median_parallax_deg(xyz: np.ndarray, centre0: np.ndarray, centre1: np.ndarra
 
 
 # --- cameras, stereo and depth ------------------------------------------------------------
-
-
-def gray(image: np.ndarray) -> np.ndarray:
-    return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
 
 
 def undistort(keypoints: np.ndarray, camera: Camera) -> np.ndarray:

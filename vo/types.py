@@ -22,6 +22,13 @@ class Camera:
     def K(self) -> np.ndarray:
         return np.array([[self.fx, 0, self.cx], [0, self.fy, self.cy], [0, 0, 1]], dtype=np.float64)
 
+    def to_colmap(self, camera_id: int | None = None):
+        """The pinhole part as a ``pycolmap.Camera`` (keypoints are undistorted before use)."""
+        import pycolmap   # lazy: plain data stays importable without it
+        extra = {} if camera_id is None else {"camera_id": camera_id}
+        return pycolmap.Camera(model="PINHOLE", width=self.width, height=self.height,
+                               params=[self.fx, self.fy, self.cx, self.cy], **extra)
+
 
 @dataclass
 class Frame:

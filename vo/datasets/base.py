@@ -94,6 +94,11 @@ def read_gray_pair(left_path: Path, right_path: Path | None, stereo: bool, size:
     return None if right is None else (left, right)
 
 
+def gray(image: np.ndarray) -> np.ndarray:
+    """BGR (as OpenCV reads) or gray -> gray, as the extractors get every frame."""
+    return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+
+
 def as_uint8_image(image: np.ndarray) -> np.ndarray:
     """Gray stays gray, colour becomes BGR, 16-bit is scaled to 8-bit: what the tracker expects."""
     if image.dtype == np.uint16:

@@ -50,6 +50,12 @@ class Alignment:
         return Trajectory(traj.stamps.copy(), poses, traj.name)
 
 
+def rotation_angle_deg(R: np.ndarray) -> float:
+    """Angle of a rotation matrix, in degrees (clipped, so safe near 0 and 180)."""
+    cos = np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0)
+    return float(np.degrees(np.arccos(cos)))
+
+
 def umeyama(source: np.ndarray, target: np.ndarray, with_scale: bool) -> Alignment:
     """Least-squares similarity (Umeyama, PAMI 1991) mapping source points (N,3) onto target (N,3)."""
     mean_src, mean_tgt = source.mean(axis=0), target.mean(axis=0)

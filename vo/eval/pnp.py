@@ -23,8 +23,10 @@ import numpy as np
 import pycolmap
 
 from vo.pipeline import to_frame_features
+from vo.eval.metrics import rotation_angle_deg
 from vo.eval.trajectory import nearest_indices
-from vo.tracker import (FrameFeatures, TrackerConfig, backproject, estimate_pose, gray, mutual_nearest,
+from vo.datasets.base import gray
+from vo.tracker import (FrameFeatures, TrackerConfig, backproject, estimate_pose, mutual_nearest,
                         sample_depth, stereo_right_x)
 from vo.types import Camera
 
@@ -48,12 +50,6 @@ class PairResult:
 
 
 # ----------------------------------------------------------------------------- errors
-
-def rotation_angle_deg(R: np.ndarray) -> float:
-    """Angle of a rotation matrix, in degrees (robust near 0 and 180)."""
-    cos = np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0)
-    return float(np.degrees(np.arccos(cos)))
-
 
 def relative_ground_truth(world_from_first: np.ndarray, world_from_second: np.ndarray) -> np.ndarray:
     """second_from_first (4x4) of two camera-to-world poses: what PnP on first-frame points returns."""
@@ -108,11 +104,6 @@ def points_from_stereo(left: FrameFeatures, right: FrameFeatures, camera: Camera
 
 
 # ----------------------------------------------------------------------------- one pair
-
-def colmap_camera(camera: Camera) -> pycolmap.Camera:
-    return pycolmap.Camera(model="PINHOLE", width=camera.width, height=camera.height,
-                           params=[camera.fx, camera.fy, camera.cx, camera.cy])
-
 
 def pnp_pose(xyz_first: np.ndarray, first: FrameFeatures, second: FrameFeatures, camera: pycolmap.Camera,
              config: TrackerConfig | None = None):
@@ -193,7 +184,7 @@ def evaluate_pnp(source, mode: str, extractor, gaps=(5, 10, 20), stride: int = 1
     found, rows = nearest_indices(np.array([stamps[k] for k in frame_ids]), gt_stamps, 1e-4)
     pose_of = {frame_ids[a]: gt_poses[b] for a, b in zip(found, rows)}
     positions = gt_poses[:, :3, 3]
-    camera_colmap = colmap_camera(camera)
+    camera_colmap = camera.to_colmap()
     results = {}
     for gap, ids in firsts.items():
         results[gap] = []

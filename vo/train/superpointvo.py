@@ -28,7 +28,7 @@ import torch
 
 from models.superpoint import SuperPointNet, build_net
 from models.weights import default_weights
-from vo.datasets.base import as_uint8_image
+from vo.datasets.base import as_uint8_image, gray
 from vo.datasets.synthetic_shapes import photometric_augment
 from vo.geometry.homography import inside_mask, pair_conf, sample_homography, warp_image, warp_points
 from vo.train import losses, superpoint
@@ -71,15 +71,6 @@ def cover(image: np.ndarray, size_hw) -> tuple[np.ndarray, float]:
     size = (max(w, round(image.shape[1] * scale)), max(h, round(image.shape[0] * scale)))
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     return cv2.resize(image, size, interpolation=interpolation), scale
-
-
-def gray(image: np.ndarray) -> np.ndarray:
-    """BGR -> gray as the pipeline converts frames for the extractor (``vo.tracker.gray``).
-
-    Not imported from there: the tracker loads pycolmap, whose glog handler would replace the
-    SIGTERM handler of ``setup_cpu`` (a kill then aborts instead of checkpointing).
-    """
-    return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
 
 
 def labelled_images(data, entry: dict, labels_dir: Path, frames: list[int]):
