@@ -83,10 +83,10 @@ def labelled_sources(labels_dir: str | None) -> list[Path]:
     """The sequences a vo.selflabel run labelled (from its manifest.json)."""
     if not labels_dir:
         return []
-    manifest = Path(labels_dir) / "manifest.json"
-    if not manifest.is_file():
-        raise UsageError(f"{manifest}: no self-labelling manifest")
-    return [Path(s["source"]).resolve() for s in json.loads(manifest.read_text())["sequences"] if s.get("source")]
+    from vo.selflabel.labels import MANIFEST, load_manifest
+    if not (Path(labels_dir) / MANIFEST).is_file():
+        raise UsageError(f"{Path(labels_dir) / MANIFEST}: no self-labelling manifest")
+    return [Path(s["source"]).resolve() for s in load_manifest(labels_dir)["sequences"] if s.get("source")]
 
 
 def pnp_thresholds(kind: str) -> dict:
