@@ -16,6 +16,11 @@ default_orb_conf = {
     "edge_threshold": 31,
     "fast_threshold": 20,
     "subpixel": True,   # FAST corners sit on the pixel grid (of their pyramid level); refine them
+    # Spread keypoints over the image as ORB-SLAM does: detect `oversample` times more, then keep
+    # the strongest per grid cell (pixels; 0 = plain top-k by response). Texture-rich patches
+    # otherwise take most of the budget and the pose rests on a small part of the image.
+    "grid_cell": 40,
+    "oversample": 4,
 }
 
 default_sift_conf = {
@@ -86,17 +91,40 @@ class ORB:
         self.conf = {**default_orb_conf, **conf, "max_keypoints": max_keypoints}
         c = self.conf
         # nfeatures bounds the detector itself; -1 ("keep all") maps to a large cap.
-        self.orb = cv2.ORB_create(nfeatures=max_keypoints if max_keypoints > 0 else 100000,
+        detected = max_keypoints * (c["oversample"] if c["grid_cell"] else 1)
+        self.orb = cv2.ORB_create(nfeatures=detected if max_keypoints > 0 else 100000,
                                   scaleFactor=c["scale_factor"], nlevels=c["n_levels"],
                                   edgeThreshold=c["edge_threshold"], fastThreshold=c["fast_threshold"])
 
     def extract(self, image) -> dict:
         gray = to_gray_uint8(image)
         keypoints, descriptors = self.orb.detectAndCompute(gray, None)
-        feats = pack_features(keypoints, descriptors, gray, self.conf["max_keypoints"], 32, np.uint8)
+        feats = pack_features(keypoints, descriptors, gray, -1, 32, np.uint8)
+        keep = spread_over_grid(feats["keypoints"], self.conf["grid_cell"], self.conf["max_keypoints"])
+        feats.update(keypoints=feats["keypoints"][keep], scores=feats["scores"][keep],
+                     descriptors=feats["descriptors"][keep])
         if self.conf["subpixel"] and len(feats["keypoints"]):
             feats["keypoints"] = refine_corners(gray, feats["keypoints"])
         return feats
+
+
+def spread_over_grid(xy: np.ndarray, cell: float, max_keypoints: int) -> np.ndarray:
+    """Indices of up to ``max_keypoints`` of ``xy`` (sorted best first), taken round-robin over
+    grid cells: every cell's best, then every cell's second best, ...; returned best first. ``cell`` <= 0 keeps the plain top-k."""
+    n = len(xy)
+    if max_keypoints is None or max_keypoints < 0 or max_keypoints >= n:
+        max_keypoints = n
+    if cell <= 0 or n == 0:
+        return np.arange(max_keypoints)
+    cells = np.floor(xy / cell).astype(np.int64)
+    cell_id = np.unique(cells, axis=0, return_inverse=True)[1].ravel()
+    # Rank of each keypoint within its cell (input is best first, so a stable sort keeps that).
+    order = np.argsort(cell_id, kind="stable")
+    sorted_ids = cell_id[order]
+    starts = np.r_[0, np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1]
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    return np.sort(np.lexsort((np.arange(n), rank))[:max_keypoints])
 
 
 def refine_corners(gray: np.ndarray, xy: np.ndarray, max_shift: float = 1.5) -> np.ndarray:

@@ -65,6 +65,9 @@ class TrackerConfig:
     triangulation_neighbours: int = 2
     min_triangulation_parallax_deg: float = 1.0
     max_triangulation_error: float = 2.5  # pixels
+    # Epipolar search has no position prior, so it asks for closer descriptors (None: 0.2 binary /
+    # as max_descriptor_distance for float). Looser binary matches put wrong points in the map.
+    triangulation_max_descriptor_distance: float | None = None
     min_found_ratio: float = 0.25         # recent points found / predicted visible
     # Map and backend.
     max_keyframes: int = 20               # kept in memory: BA window + relocalisation
@@ -544,6 +547,12 @@ def max_distance(descriptors: np.ndarray, config: TrackerConfig) -> float:
     return 0.3 if descriptors.dtype == np.uint8 else 0.9
 
 
+def triangulation_max_distance(descriptors: np.ndarray, config: TrackerConfig) -> float:
+    if config.triangulation_max_descriptor_distance is not None:
+        return config.triangulation_max_descriptor_distance
+    return 0.2 if descriptors.dtype == np.uint8 else max_distance(descriptors, config)
+
+
 def pair_distances(d0: np.ndarray, d1: np.ndarray) -> np.ndarray:
     """Normalised distance of row i of d0 to row i of d1: Hamming / bits, or unit-L2."""
     if d0.dtype == np.uint8:
@@ -812,7 +821,7 @@ def triangulate_pair(new: Keyframe, old: Keyframe, camera: Camera, config: Track
     epipolar = np.abs(np.c_[new.keypoints[free_new], np.ones(len(free_new))] @ lines.T)
     i, j = np.nonzero(epipolar < config.max_triangulation_error)
     dist = pair_distances(new.descriptors[free_new[i]], old.descriptors[free_old[j]])
-    i, j = best_unique_pairs(i, j, dist, max_distance(new.descriptors, config), 0.8)
+    i, j = best_unique_pairs(i, j, dist, triangulation_max_distance(new.descriptors, config), 0.8)
     xyz, good, parallax = triangulate(old.keypoints[free_old[j]], new.keypoints[free_new[i]],
                                       old.cam_from_world, new.cam_from_world, camera, config)
     good &= parallax > config.min_triangulation_parallax_deg
