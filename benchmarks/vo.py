@@ -62,9 +62,13 @@ FRONTENDS = {
 TARGET_FPS = 5.0
 
 
-def build_frontend(name: str):
+def build_frontend(name: str, weights: dict[str, str | None] | None = None):
+    """``weights`` maps 'superpoint' / 'superglue' to a file; None means the shipped default."""
     extractor, matcher = FRONTENDS[name]
-    return build_extractor(extractor), build_matcher(matcher)
+    weights = weights or {}
+    extractor_kw = {"weights": weights[extractor]} if weights.get(extractor) else {}
+    matcher_kw = {"weights": weights[matcher]} if weights.get(matcher) else {}
+    return build_extractor(extractor, **extractor_kw), build_matcher(matcher, **matcher_kw)
 
 
 def ate_of(result, source, mode: str) -> float:
@@ -73,10 +77,10 @@ def ate_of(result, source, mode: str) -> float:
     return evaluate(est, ref, "sim3" if mode == "mono" else "se3").ate.rmse
 
 
-def run_row(row: Row, frontend: str, max_frames: int | None) -> dict:
+def run_row(row: Row, frontend: str, max_frames: int | None, weights: dict | None = None) -> dict:
     out = {"row": f"{row.name} {row.mode}", "frontend": frontend, "target_ate": row.target_ate}
     try:
-        extractor, matcher = build_frontend(frontend)
+        extractor, matcher = build_frontend(frontend, weights)
     except (WeightsError, FileNotFoundError) as e:
         return {**out, "skipped": f"no weights ({str(e).splitlines()[0]})"}
     source = open_source(str(DATA / row.path))
@@ -130,11 +134,14 @@ def main(argv=None) -> int:
     parser.add_argument("--frontends", nargs="+", choices=list(FRONTENDS), default=list(FRONTENDS))
     parser.add_argument("--max-frames", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--superpoint-weights", default=None, help="default: the shipped weights")
+    parser.add_argument("--superglue-weights", default=None, help="default: the shipped weights")
     args = parser.parse_args(argv)
+    weights = {"superpoint": args.superpoint_weights, "superglue": args.superglue_weights}
     results = []
     for row_name in args.rows:
         for frontend in args.frontends:
-            results.append(run_row(ROWS[row_name], frontend, args.max_frames))
+            results.append(run_row(ROWS[row_name], frontend, args.max_frames, weights))
             print(format_table(results[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(results))

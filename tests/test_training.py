@@ -113,3 +113,11 @@ def test_homographic_adaptation_labels_resume_from_a_labels_file(tmp_path):
     assert adapt.reuse_labels(tmp_path / "again", adapt.training_images(data)[:2], data) == 2
     again = np.load(adapt.run(detector, tmp_path / "again", data, {**conf, "collect_only": True}))
     assert np.array_equal(again["keypoints"], first["keypoints"])
+
+
+def test_learning_rate_steps_down_at_the_decay_step():
+    from vo.train.common import learning_rate
+    conf = {"lr": 1e-3, "lr_decay_step": 100, "lr_decay": 0.1}
+    assert learning_rate(conf, 99) == 1e-3
+    assert np.isclose(learning_rate(conf, 100), 1e-4) and np.isclose(learning_rate(conf, 5000), 1e-4)
+    assert learning_rate({"lr": 1e-3, "lr_decay_step": None}, 10**6) == 1e-3

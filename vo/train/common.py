@@ -93,6 +93,22 @@ def export_weights(model: torch.nn.Module, path: str | Path) -> Path:
     return path
 
 
+def learning_rate(conf: dict, step: int) -> float:
+    """Step decay: ``lr`` until ``lr_decay_step`` (None: never), then ``lr * lr_decay``.
+
+    A smaller rate at the end settles the weights the noisy batches of 4 keep shaking.
+    """
+    decay_step = conf.get("lr_decay_step")
+    if decay_step is not None and step >= decay_step:
+        return conf["lr"] * conf.get("lr_decay", 0.1)
+    return conf["lr"]
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def fit(net: torch.nn.Module, optimizer, run_dir: Path, conf: dict, out_name: str,
         loss_at_step: Callable[[int], dict], postfix: dict[str, str]) -> Path:
     """The loop the SuperPoint stages share: resume, step, log, checkpoint, export.
@@ -107,6 +123,7 @@ def fit(net: torch.nn.Module, optimizer, run_dir: Path, conf: dict, out_name: st
     bar = tqdm(total=conf["steps"], initial=step, desc=out_name.removesuffix(".pth"), unit="step")
     try:
         while step < conf["steps"]:
+            set_learning_rate(optimizer, learning_rate(conf, step))
             parts = loss_at_step(step)
             optimizer.zero_grad(set_to_none=True)
             parts["total"].backward()

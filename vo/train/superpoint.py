@@ -23,6 +23,8 @@ default_conf = {
     "channels": (16, 32, 64, 64, 128),
     "batch_size": 4,          # pairs per step
     "lr": 1e-3,
+    "lr_decay_step": None,    # from this step on, lr * lr_decay
+    "lr_decay": 0.1,
     "steps": 4000,
     "checkpoint_every": 50,
     "log_every": 10,
