@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from models.superpoint import SuperPointNet, build_net, channels_from_state_dict
+from models.runtime import autocast, select_precision
 from vo.datasets.real_images import DEFAULT_DATA, load_gray
 from vo.datasets.synthetic_shapes import keypoint_map, photometric_augment
 from vo.geometry.homography import filter_inside, pair_conf, sample_homography, warp_image, warp_points
@@ -25,6 +26,7 @@ default_conf = {
     "lr": 1e-3,
     "lr_decay_step": None,    # from this step on, lr * lr_decay
     "lr_decay": 0.1,
+    "precision": None,        # None: bf16 autocast where the CPU has bf16 units, else fp32
     "steps": 4000,
     "checkpoint_every": 50,
     "log_every": 10,
@@ -73,7 +75,9 @@ def make_batch(dataset: LabelledImages, rng: np.random.Generator, batch_size: in
 
 def pair_loss(net, images, kp_maps, homographies, step: int, conf: dict) -> dict:
     """Total loss and its parts for one batch of pairs."""
-    logits, desc = net(images)
+    with autocast(images.device, conf["precision"] or "fp32"):
+        logits, desc = net(images)
+    logits, desc = logits.float(), desc.float()   # the losses in fp32
     b = len(homographies)
     labels = losses.keypoint_map_to_cell_labels(kp_maps, generator=torch.Generator().manual_seed(step))
     det0 = losses.detector_loss(logits[:b], labels[:b])
@@ -99,6 +103,7 @@ def init_net(conf: dict, init: str | Path | None) -> SuperPointNet:
 def train(labels: str | Path, run_dir: str | Path, init: str | Path | None = None,
           conf: dict | None = None, out_name: str = "superpoint.pth") -> Path:
     conf = {**default_conf, **(conf or {})}
+    conf["precision"] = select_precision(torch.device("cpu"), conf["precision"])
     setup_cpu()
     run_dir = Path(run_dir)
     dataset = LabelledImages(labels)
