@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.runtime import autocast, select_precision
 from models.superglue import SuperGlue, filter_matches
 from vo.train import match_data
-from vo.train.common import Checkpoint, TrainLog, export_weights, setup_cpu, step_rng
+from vo.train.common import Checkpoint, TrainLog, export_weights, set_learning_rate, setup_cpu, step_rng
 
 # Smaller than the official 9 x (self, cross): 4 pairs halve the time per step. The width
 # stays 256 because the official layout has no input projection: the GNN runs at the
@@ -36,6 +37,7 @@ default_conf = {
     "layers": None,           # shortcut: number of (self, cross) GNN pairs, e.g. 4 = small_conf
     "batch_size": 2,          # pairs per step
     "lr": 1e-4,               # the paper's Adam rate
+    "precision": None,        # None: bf16 autocast where the CPU has bf16 units, else fp32
     "lr_decay_start": 0.6,    # fraction of the steps after which the rate decays exponentially...
     "lr_final": 0.1,          # ...to this fraction of lr at the last step
     "steps": 3000,
@@ -203,7 +205,8 @@ def sample_batch(caches: dict, conf: dict, rng: np.random.Generator) -> dict:
 # ----------------------------------------------------------------------------- loop
 
 def forward_loss(model: SuperGlue, batch: dict, conf: dict) -> tuple[dict, torch.Tensor]:
-    log_assignment = model(batch)
+    with autocast(torch.device("cpu"), conf.get("precision") or "fp32"):   # the model keeps OT in fp32
+        log_assignment = model(batch)
     parts = assignment_loss(log_assignment, batch["gt0"], batch["gt1"], conf["loss"]["balance"])
     return {k: v.mean() for k, v in parts.items()}, log_assignment
 
@@ -258,6 +261,7 @@ def train(features_from: str | Path, run_dir: str | Path, data_root: str | Path,
         conf = merge_conf(conf)
     except KeyError as e:
         raise SystemExit(f"--set: {e.args[0]}") from None
+    conf["precision"] = select_precision(torch.device("cpu"), conf["precision"])
     setup_cpu()
     run_dir, data_root = Path(run_dir), Path(data_root)
     caches = load_caches(features_from, run_dir, data_root, conf)
@@ -279,8 +283,7 @@ def train(features_from: str | Path, run_dir: str | Path, data_root: str | Path,
         while step < conf["steps"]:
             batch = sample_batch(caches, conf, step_rng(conf["seed"], step))
             lr = lr_at(step, conf)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(optimizer, lr)
             parts, _ = forward_loss(model, batch, conf)
             optimizer.zero_grad(set_to_none=True)
             if torch.isfinite(parts["total"]):
