@@ -73,11 +73,16 @@ def make_batch(dataset: LabelledImages, rng: np.random.Generator, batch_size: in
     return images, torch.from_numpy(kp_maps), torch.from_numpy(homographies).float()
 
 
+def forward(net, images: torch.Tensor, precision: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Detector logits and descriptors, the network under autocast (bf16) and the losses after it in fp32."""
+    with autocast(images.device, precision or "fp32"):
+        logits, desc = net(images)
+    return logits.float(), desc.float()
+
+
 def pair_loss(net, images, kp_maps, homographies, step: int, conf: dict) -> dict:
     """Total loss and its parts for one batch of pairs."""
-    with autocast(images.device, conf["precision"] or "fp32"):
-        logits, desc = net(images)
-    logits, desc = logits.float(), desc.float()   # the losses in fp32
+    logits, desc = forward(net, images, conf.get("precision"))
     b = len(homographies)
     labels = losses.keypoint_map_to_cell_labels(kp_maps, generator=torch.Generator().manual_seed(step))
     det0 = losses.detector_loss(logits[:b], labels[:b])

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 import torch
 
+from models.runtime import select_precision
 from models.superpoint import SuperPointNet, build_net
 from models.weights import default_weights
 from vo.datasets.base import as_uint8_image, gray
@@ -42,6 +43,7 @@ default_conf = {
     "pair_batch_size": 2,                # homography pairs per step
     "ha_labels": "runs/ha_labels/labels.npz",
     "lr": 1e-4,
+    "precision": None,                   # None: bf16 autocast where the CPU has bf16 units, else fp32
     "steps": 1000,
     "stability_weight": 1.0,
     "unstable_weight": 1.0,
@@ -200,7 +202,7 @@ def make_selflabelled_batch(frames: SelfLabelledFrames, rng: np.random.Generator
 
 def selflabelled_loss(net, images, label_maps, homographies, conf: dict) -> dict:
     """Stability loss on the crops and their warps, descriptor hinge between them."""
-    logits, desc = net(images)
+    logits, desc = superpoint.forward(net, images, conf.get("precision"))
     b = len(homographies)
     stability = losses.stability_loss(logits, label_maps, conf["loss"]["cell"], conf["unstable_weight"],
                                       conf["unstable"])
@@ -250,6 +252,7 @@ def pair_dataset(conf: dict, frames: SelfLabelledFrames):
 def train(labels_dir: str | Path, run_dir: str | Path, init: str | Path | None = None,
           conf: dict | None = None, out_name: str = "superpointvo.pth") -> Path:
     conf = {**default_conf, **(conf or {})}
+    conf["precision"] = select_precision(torch.device("cpu"), conf["precision"])
     run_dir = Path(run_dir)
     frames = SelfLabelledFrames(labels_dir, conf["image_size"], conf["min_points"])
     pairs, pairs_from = pair_dataset(conf, frames)
