@@ -114,21 +114,24 @@ def table(title: str, rows: list[tuple[str, str, float, float, float]]) -> None:
 
 # ---------------------------------------------------------------- speed
 
-def bench_superglue(device, precs, keypoints, runs) -> None:
-    sg = SuperGlue(weights=False, device=device, precision="fp32")
+def bench_superglue(device, precs, keypoints, runs, builds: dict) -> None:
+    """``builds``: configuration name -> SuperGlue; the first one's fp32 is the baseline per size."""
     rows = []
     for n in keypoints:
         f0, f1 = random_features(n, 0, device), random_features(n, 1, device)
         base = None
-        for p in precs:
-            if p == "int8":   # SuperPoint only
-                continue
-            sg.precision = p
-            ms, cpu = time_call(lambda: sg.match(f0, f1), device, runs)
-            base = base or ms
-            rows.append((f"{n} kp", p, ms, cpu, base))
-            print(f"  superglue {n:5d} kp {p}: {ms:.1f} ms", flush=True)
-    table("SuperGlue match (both sides, 18 layers, 100 Sinkhorn iterations), median ms", rows)
+        for name, sg in builds.items():
+            for p in precs:
+                if p == "int8":   # SuperPoint only
+                    continue
+                sg.precision = p
+                ms, cpu = time_call(lambda: sg.match(f0, f1), device, runs)
+                base = base or ms
+                rows.append((f"{n} kp {name}", p, ms, cpu, base))
+                print(f"  superglue {n:5d} kp {name} {p}: {ms:.1f} ms", flush=True)
+    layers = ", ".join(f"{name} {len(sg.conf['GNN_layers'])} layers" for name, sg in builds.items())
+    table(f"SuperGlue match ({layers}; 100 Sinkhorn iterations), median ms; speed-up against official fp32",
+          rows)
 
 
 def bench_superpoint(device, precs, runs, builds: dict) -> None:
@@ -276,7 +279,10 @@ def main(argv=None) -> None:
     sg_weights = resolve(args.superglue_weights, "superglue_*.pth")
     factory = superpoint_factory(device)
     if "superglue" not in args.skip:
-        bench_superglue(device, precs, args.keypoints, args.runs)
+        sg_builds = {"official": SuperGlue(weights=False, device=device, precision="fp32")}  # random weights
+        if sg_weights:
+            sg_builds["ours"] = SuperGlue(weights=sg_weights, device=device, precision="fp32")
+        bench_superglue(device, precs, args.keypoints, args.runs, sg_builds)
     if "superpoint" not in args.skip and factory is not None:
         builds = {"official": lambda p: factory(False, p)}   # official widths, random weights
         if sp_weights:
