@@ -191,11 +191,10 @@ def test_command_labels_the_bundled_sample_and_resumes(tmp_path, capsys):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "self-labelling with ORB features" in first.stdout        # no SuperPoint weights shipped yet
     manifest = json.loads((out / "manifest.json").read_text())
     (entry,) = manifest["sequences"]
     assert manifest["version"] == 1 and manifest["config"]["min_track"] == 10
-    assert entry["frames"] == 40 and entry["mode"] == "rgbd" and entry["features"] == "orb"
+    assert entry["frames"] == 40 and entry["mode"] == "rgbd" and entry["features"] == "superpoint"
     assert entry["stable"] > 30 and entry["points"] >= entry["stable"] + entry["unstable"]
     data = load_labels(out / entry["file"])
     assert len(data["frame_paths"]) == entry["labelled_frames"] and len(data["labels"]) == entry["keypoints"]
