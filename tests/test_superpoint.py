@@ -196,3 +196,11 @@ def test_int8_superpoint_calibrates_on_its_first_input_and_keeps_the_keypoints(s
     dist = torch.cdist(fp32["keypoints"], int8["keypoints"]).min(1).values
     assert len(fp32["keypoints"]) > 200
     assert (dist <= 1.0).float().mean() > 0.8
+
+
+def test_idle_cores_leaves_busy_cores_to_their_jobs():
+    from models.runtime import idle_cores
+    assert idle_cores(2, 0.1) == 2
+    assert idle_cores(2, 1.2) == 1         # one core taken by a training job
+    assert idle_cores(2, 5.0) == 1         # never fewer than one
+    assert idle_cores(8, 2.6) == 5

@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--format", choices=("tum", "kitti", "euroc"), default="tum")
     p.add_argument("--max-frames", type=int, metavar="N")
     p.add_argument("--max-keypoints", type=int, default=1024)
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for the networks (default: the cores not busy with other jobs)")
     p.add_argument("--no-viz", action="store_true", help="no windows (also when no display is found)")
     p.add_argument("--save-map", metavar="FILE.ply", help="map points with colour")
     p.add_argument("--save-video", metavar="FILE.mp4", help="the tracks view, one video frame per input frame")
@@ -71,6 +73,16 @@ def shipped(pattern: str, weights: str | None) -> Path | None:
         raise UsageError(f"{folder}: no such weights file or folder")
     found = sorted(folder.glob(pattern))
     return found[-1] if found else None
+
+
+def set_threads(threads: int | None) -> None:
+    """Network threads: as asked, else what OMP_NUM_THREADS says, else the idle cores."""
+    if threads is None and "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    from models.runtime import idle_cores
+    torch.set_num_threads(threads if threads else idle_cores())
 
 
 def build_frontend(args) -> Frontend:
@@ -249,6 +261,7 @@ def run_reporting_bad_input(run_command, args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    set_threads(args.threads)
     try:
         return run_reporting_bad_input(run, args)
     except KeyboardInterrupt:
