@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.runtime import autocast, select_precision
 from models.superpoint import build_net, logits_to_heatmap, select_keypoints, simple_nms
 from vo.datasets.real_images import load_gray, training_images
 from vo.geometry.homography import homographic_adaptation_conf, sample_homography, warp_image
@@ -31,6 +32,7 @@ default_conf = {
     "nms_radius": 4,
     "threshold": 0.015,
     "max_keypoints": 600,
+    "precision": None,    # None: bf16 where the CPU has bf16 units (heatmaps averaged in fp32), else fp32
     "seed": 0,
     "max_images": None,   # a prefix of the image list, for quick runs
     "shard": [0, 1],      # [k, n]: this process labels images i with i % n == k (n processes in parallel)
@@ -45,7 +47,8 @@ def sample_homographies(shape_hw, n: int, rng: np.random.Generator) -> np.ndarra
 
 
 @torch.inference_mode()
-def adapted_heatmap(net, image: np.ndarray, homographies: np.ndarray, batch_size: int) -> np.ndarray:
+def adapted_heatmap(net, image: np.ndarray, homographies: np.ndarray, batch_size: int,
+                    precision: str = "fp32") -> np.ndarray:
     """Average of the unwarped detector heatmaps over the warps that cover each pixel."""
     h, w = image.shape
     total = np.zeros((h, w), np.float32)
@@ -55,7 +58,9 @@ def adapted_heatmap(net, image: np.ndarray, homographies: np.ndarray, batch_size
         hs = homographies[start:start + batch_size]
         warped = np.stack([warp_image(image, H) for H in hs])
         x = torch.from_numpy(warped).float()[:, None].div_(255).contiguous(memory_format=torch.channels_last)
-        heat = logits_to_heatmap(net.detect(x)).numpy()
+        with torch.inference_mode(), autocast(x.device, precision):
+            logits = net.detect(x)
+        heat = logits_to_heatmap(logits.float()).numpy()
         for H, hm in zip(hs, heat):
             H_inv = np.linalg.inv(H)
             total += cv2.warpPerspective(hm, H_inv, (w, h), flags=cv2.INTER_LINEAR)
@@ -73,7 +78,7 @@ def label_image(net, path: Path, index: int, conf: dict) -> tuple[np.ndarray, np
     image = load_gray(path, conf["image_size"])
     rng = np.random.default_rng([conf["seed"], index])
     homographies = sample_homographies(image.shape, conf["num_homographies"], rng)
-    heatmap = adapted_heatmap(net, image, homographies, conf["batch_size"])
+    heatmap = adapted_heatmap(net, image, homographies, conf["batch_size"], conf["precision"])
     return image, heatmap_to_keypoints(heatmap, conf)
 
 
@@ -119,6 +124,7 @@ def reuse_labels(out_dir: Path, paths: list[Path], data_root: Path) -> int:
 
 def run(detector: str | Path, out_dir: str | Path, data_root: str | Path, conf: dict | None = None) -> Path:
     conf = {**default_conf, **(conf or {})}
+    conf["precision"] = select_precision(torch.device("cpu"), conf["precision"])
     setup_cpu()
     out_dir = Path(out_dir)
     (out_dir / "parts").mkdir(parents=True, exist_ok=True)
