@@ -110,7 +110,8 @@ class ORB:
 
 def spread_over_grid(xy: np.ndarray, cell: float, max_keypoints: int) -> np.ndarray:
     """Indices of up to ``max_keypoints`` of ``xy`` (sorted best first), taken round-robin over
-    grid cells: every cell's best, then every cell's second best, ...; returned best first. ``cell`` <= 0 keeps the plain top-k."""
+    grid cells: every cell's best, then every cell's second best, ...; returned best first.
+    ``cell`` <= 0 keeps the plain top-k."""
     n = len(xy)
     if max_keypoints is None or max_keypoints < 0 or max_keypoints >= n:
         max_keypoints = n

@@ -58,7 +58,7 @@ def adapted_heatmap(net, image: np.ndarray, homographies: np.ndarray, batch_size
         hs = homographies[start:start + batch_size]
         warped = np.stack([warp_image(image, H) for H in hs])
         x = torch.from_numpy(warped).float()[:, None].div_(255).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast(x.device, precision):
+        with autocast(x.device, precision):   # inference mode: the decorator
             logits = net.detect(x)
         heat = logits_to_heatmap(logits.float()).numpy()
         for H, hm in zip(hs, heat):
