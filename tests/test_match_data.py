@@ -191,6 +191,39 @@ def test_loss_is_finite_and_falls_with_a_tiny_superglue():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_descriptor_prior_init_starts_as_a_soft_mutual_nn():
+    """Before any training, the prior-initialised matcher is as precise as mutual NN; the released init is chance."""
+    batch = tiny_problem(torch.Generator().manual_seed(1), b=8)
+    sim = batch["descriptors0"] @ batch["descriptors1"].transpose(1, 2)
+    nearest0, nearest1 = sim.argmax(2), sim.argmax(1)
+    mutual = nearest1.gather(1, nearest0) == torch.arange(sim.shape[1])
+    mnn = superglue.match_metrics(torch.where(mutual, nearest0, -1), batch["gt0"])
+    results = {}
+    for init in ("prior", "released"):
+        torch.manual_seed(0)
+        model = SuperGlue(weights=False, device="cpu", precision="fp32", descriptor_dim=32, keypoint_encoder=[16],
+                          GNN_layers=["self", "cross"] * 2, num_heads=2).train()
+        if init == "prior":
+            superglue.prior_init(model, temperature=0.05, dustbin=0.3)
+            # every residual branch starts at zero: the GNN is the identity
+            assert all(float(layer.mlp[-1].weight.abs().max()) == 0 for layer in model.gnn.layers)
+        with torch.no_grad():
+            matches0 = superglue.filter_matches(model.eval()(batch), 0.2)[0]
+        results[init] = {k: float(v.mean()) for k, v in superglue.match_metrics(matches0, batch["gt0"]).items()}
+    assert results["prior"]["precision"] >= float(mnn["precision"].mean()) - 0.02, (results, mnn)
+    assert results["prior"]["recall"] >= 0.5 and results["released"]["recall"] < 0.3, results
+
+
+def test_keep_strongest_ignores_matches_whose_partner_is_cut():
+    batch = tiny_problem(torch.Generator().manual_seed(2), b=1, m=24, k=16)
+    kept = superglue.keep_strongest(batch, 12)
+    assert kept["keypoints0"].shape == (1, 12, 2) and kept["descriptors1"].shape == (1, 12, 32)
+    gt0, new0 = batch["gt0"][0, :12], kept["gt0"][0]
+    assert torch.equal(new0[gt0 >= 12], torch.full_like(new0[gt0 >= 12], IGNORE))
+    assert torch.equal(new0[gt0 < 12], gt0[gt0 < 12])     # kept pairs and unmatched stay as they were
+    assert superglue.keep_strongest(batch, None) is batch
+
+
 def test_conf_overrides_and_lr_schedule():
     conf = superglue.merge_conf({"layers": 3, "data.homography.pairs_per_image": 2})
     assert superglue.model_conf(conf)["GNN_layers"] == ["self", "cross"] * 3

@@ -363,3 +363,33 @@ def test_bf16_agrees_with_fp32():
             p16 = sg(data)
     assert p16.dtype == torch.float32                              # Sinkhorn stays fp32
     assert (p16.exp() - p32).abs().max() < 0.02
+
+
+# ---------------------------------------------------------------- the shipped weights
+
+def test_shipped_weights_match_a_warped_frame_better_than_mutual_nn():
+    """SuperGlue() loads the project's weights and, on our SuperPoint's features of a bundled
+    frame and a known warp of it, is right more often than mutual NN on the same features."""
+    import cv2
+    from models.nn_matcher import MutualNN
+    from models.superpoint import SuperPoint
+    from vo.train.match_data import homography_gt
+
+    frame = sorted((Path(__file__).parent.parent / "sequences" / "rgbd_dataset_freiburg3_teddy_sample" / "rgb").glob("*.png"))[0]
+    image = cv2.imread(str(frame), cv2.IMREAD_GRAYSCALE)
+    H = np.vstack([cv2.getRotationMatrix2D((320, 240), 10, 0.85), [2e-4, -1.5e-4, 1.0]])   # turn, zoom out, tilt
+    warped = cv2.convertScaleAbs(cv2.warpPerspective(image, H, image.shape[::-1]), alpha=0.7, beta=25)
+    sp = SuperPoint(max_keypoints=1024, precision="fp32")
+    feats0, feats1 = sp.extract(image), sp.extract(warped)
+    gt0, _ = homography_gt(feats0["keypoints"], feats1["keypoints"], H)
+
+    def precision_and_correct(matches):
+        known = gt0[matches[:, 0]] != -2
+        correct = gt0[matches[:, 0]] == matches[:, 1]
+        return correct[known].mean(), int(correct.sum())
+
+    sg_precision, sg_correct = precision_and_correct(SuperGlue(precision="fp32").match(feats0, feats1)["matches"])
+    nn_precision, nn_correct = precision_and_correct(MutualNN().match(feats0, feats1)["matches"])
+    # measured: MNN 0.81 (171 right); the untrained descriptor prior 0.78 (193); trained 0.94 (190) after 250 steps
+    assert sg_precision >= nn_precision + 0.05, (sg_precision, nn_precision)
+    assert sg_correct >= nn_correct >= 100, (sg_correct, nn_correct)

@@ -121,3 +121,14 @@ def test_learning_rate_steps_down_at_the_decay_step():
     assert learning_rate(conf, 99) == 1e-3
     assert np.isclose(learning_rate(conf, 100), 1e-4) and np.isclose(learning_rate(conf, 5000), 1e-4)
     assert learning_rate({"lr": 1e-3, "lr_decay_step": None}, 10**6) == 1e-3
+
+
+def test_a_superpoint_run_resumes_without_its_init_file(tmp_path):
+    from vo.train import superpoint
+    from vo.train.common import Checkpoint
+    net = SuperPointNet(channels=SLIM, batch_norm=True)
+    checkpoint = Checkpoint(tmp_path)
+    checkpoint.save(net, torch.optim.Adam(net.parameters()), step=7)
+    resumed = superpoint.init_net(superpoint.default_conf, tmp_path / "gone.pth", checkpoint.path)
+    step, _ = checkpoint.load(resumed, torch.optim.Adam(resumed.parameters()))   # strict: same widths and norms
+    assert step == 7 and superpoint.channels_from_state_dict(resumed.state_dict()) == SLIM

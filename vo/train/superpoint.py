@@ -18,7 +18,7 @@ from vo.datasets.real_images import DEFAULT_DATA, load_gray
 from vo.datasets.synthetic_shapes import keypoint_map, photometric_augment
 from vo.geometry.homography import filter_inside, pair_conf, sample_homography, warp_image, warp_points
 from vo.train import losses
-from vo.train.common import fit, setup_cpu, step_rng
+from vo.train.common import Checkpoint, fit, setup_cpu, step_rng
 
 default_conf = {
     "channels": (16, 32, 64, 64, 128),
@@ -92,11 +92,16 @@ def pair_loss(net, images, kp_maps, homographies, step: int, conf: dict) -> dict
     return {"total": total, "det": (det0 + det1) / 2, "desc": desc_loss}
 
 
-def init_net(conf: dict, init: str | Path | None) -> SuperPointNet:
+def init_net(conf: dict, init: str | Path | None, resume_from: Path | None = None) -> SuperPointNet:
     """From MagicPoint (encoder and detector; the descriptor head stays random) or from scratch.
 
     Training runs with BatchNorm; the initial weights are the folded ones of the stage before.
+    A run that resumes takes only the widths from its checkpoint ``resume_from`` (whose weights
+    `fit` loads next), so the init file need not exist any more.
     """
+    if resume_from is not None and resume_from.exists():
+        state = torch.load(resume_from, map_location="cpu", weights_only=False)["model"]
+        return SuperPointNet(channels=channels_from_state_dict(state), batch_norm=True)
     if init is None:
         return SuperPointNet(channels=conf["channels"], batch_norm=True)
     start = build_net(init)
@@ -112,7 +117,7 @@ def train(labels: str | Path, run_dir: str | Path, init: str | Path | None = Non
     setup_cpu()
     run_dir = Path(run_dir)
     dataset = LabelledImages(labels)
-    net = init_net(conf, init).to(memory_format=torch.channels_last).train()
+    net = init_net(conf, init, Checkpoint(run_dir).path).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=conf["lr"])
 
     def loss_at_step(step: int) -> dict:
