@@ -15,6 +15,7 @@ model configuration it needs (``SuperGlue(weights=..., **json)``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -255,6 +256,17 @@ def keep_strongest(batch: dict, k: int | None) -> dict:
 
 # ----------------------------------------------------------------------------- loop
 
+@contextlib.contextmanager
+def sinkhorn_iterations(model: SuperGlue, iterations: int):
+    """Run ``model`` with this many Sinkhorn iterations inside the block (training uses fewer)."""
+    before = model.conf["sinkhorn_iterations"]
+    model.conf["sinkhorn_iterations"] = iterations
+    try:
+        yield model
+    finally:
+        model.conf["sinkhorn_iterations"] = before
+
+
 def forward_loss(model: SuperGlue, batch: dict, conf: dict) -> tuple[dict, torch.Tensor]:
     with autocast(torch.device("cpu"), conf.get("precision") or "fp32"):   # the model keeps OT in fp32
         log_assignment = model(batch)
@@ -267,19 +279,17 @@ def validate(model: SuperGlue, cache: match_data.PairCache, conf: dict) -> dict:
     """Loss, precision and recall on the validation pairs, in eval mode (folded BatchNorm)."""
     model.eval()
     values = []
-    train_iterations = model.conf["sinkhorn_iterations"]
-    model.conf["sinkhorn_iterations"] = default_sinkhorn_iterations
     try:
         for i in range(len(cache)):
             batch = cache.batch([i])
-            parts, log_assignment = forward_loss(model, batch, conf)
+            with sinkhorn_iterations(model, default_sinkhorn_iterations):
+                parts, log_assignment = forward_loss(model, batch, conf)
             matches0 = filter_matches(log_assignment, model.conf["match_threshold"])[0]
             metrics = match_metrics(matches0, batch["gt0"])
             values.append({"val_loss": parts["total"].item(), "val_precision": metrics["precision"].item(),
                            "val_recall": metrics["recall"].item()})
     finally:
         model.train()
-        model.conf["sinkhorn_iterations"] = train_iterations
     return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
 
@@ -324,7 +334,6 @@ def train(features_from: str | Path, run_dir: str | Path, data_root: str | Path,
         print(f"{name}: {counts['pairs']} pairs, per pair {counts['matched']:.0f} matches, "
               f"{counts['unmatched']:.0f} unmatched, {counts['ignored']:.0f} ignored keypoints")
     model = build_model(conf)
-    model.conf["sinkhorn_iterations"] = conf["train_sinkhorn_iterations"]
     optimizer = torch.optim.Adam(model.parameters(), lr=conf["lr"])
     checkpoint, log = Checkpoint(run_dir), TrainLog(run_dir)
     try:
@@ -339,7 +348,8 @@ def train(features_from: str | Path, run_dir: str | Path, data_root: str | Path,
             batch = keep_strongest(sample_batch(caches, conf, step_rng(conf["seed"], step)), conf["train_keypoints"])
             lr = lr_at(step, conf)
             set_learning_rate(optimizer, lr)
-            parts, _ = forward_loss(model, batch, conf)
+            with sinkhorn_iterations(model, conf["train_sinkhorn_iterations"]):
+                parts, _ = forward_loss(model, batch, conf)
             optimizer.zero_grad(set_to_none=True)
             if torch.isfinite(parts["total"]):
                 parts["total"].backward()
