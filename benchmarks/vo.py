@@ -77,14 +77,15 @@ def ate_of(result, source, mode: str) -> float:
     return evaluate(est, ref, "sim3" if mode == "mono" else "se3").ate.rmse
 
 
-def run_row(row: Row, frontend: str, max_frames: int | None, weights: dict | None = None) -> dict:
+def run_row(row: Row, frontend: str, max_frames: int | None, weights: dict | None = None,
+            config: TrackerConfig | None = None) -> dict:
     out = {"row": f"{row.name} {row.mode}", "frontend": frontend, "target_ate": row.target_ate}
     try:
         extractor, matcher = build_frontend(frontend, weights)
     except (WeightsError, FileNotFoundError) as e:
         return {**out, "skipped": f"no weights ({str(e).splitlines()[0]})"}
     source = open_source(str(DATA / row.path))
-    result = run(source, row.mode, extractor, matcher, TrackerConfig(), max_frames=max_frames)
+    result = run(source, row.mode, extractor, matcher, config or TrackerConfig(), max_frames=max_frames)
     return {**out, "ate": ate_of(result, source, row.mode), "fps": result.fps, "frames": result.num_frames,
             "keyframes": result.num_keyframes, "lost": result.count("lost"),
             "segments": result.count("new_segment"), "interrupted": result.interrupted,
@@ -136,12 +137,15 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--superpoint-weights", default=None, help="default: the shipped weights")
     parser.add_argument("--superglue-weights", default=None, help="default: the shipped weights")
+    parser.add_argument("--triangulation", choices=("epipolar", "matcher"), default="epipolar",
+                        help="how keyframes are paired for new points (TrackerConfig.triangulation_matching)")
     args = parser.parse_args(argv)
+    config = TrackerConfig(triangulation_matching=args.triangulation)
     weights = {"superpoint": args.superpoint_weights, "superglue": args.superglue_weights}
     results = []
     for row_name in args.rows:
         for frontend in args.frontends:
-            results.append(run_row(ROWS[row_name], frontend, args.max_frames, weights))
+            results.append(run_row(ROWS[row_name], frontend, args.max_frames, weights, config))
             print(format_table(results[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(results))

@@ -5,14 +5,15 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from models import build_matcher
 from models.classical import ORB
 from vo.backend import BAConfig, BAProblem, bundle_adjust, reprojection_errors
 from vo.eval.metrics import evaluate
 from vo.eval.trajectory import Trajectory
-from vo.map import invert
+from vo.map import NO_POINT, Keyframe, invert
 from vo.pipeline import run
 from vo.render import RenderConfig, RenderedSequence
-from vo.tracker import TrackerConfig, TrackerState
+from vo.tracker import TrackerConfig, TrackerState, project, triangulate_pair
 from vo.types import Camera
 
 # ATE bounds on a 2.7 m rendered trajectory (320x240, scene 2-4 m away); measured
@@ -159,3 +160,59 @@ def test_snapshots_describe_the_map(sequence):
     view = views[-1]
     assert len(view.point_ids) == len(view.xyz) == len(view.first_keyframe) == result.num_map_points
     np.testing.assert_allclose(view.keyframe_poses[0], result.poses[0], atol=1e-9)
+
+
+class CountingMatcher:
+    """A matcher that counts its calls."""
+
+    def __init__(self, matcher):
+        self.matcher, self.calls = matcher, 0
+
+    def match(self, feats0, feats1):
+        self.calls += 1
+        return self.matcher.match(feats0, feats1)
+
+
+def test_monocular_tracking_triangulates_with_the_injected_matcher(sequence):
+    matcher = CountingMatcher(build_matcher("mnn"))
+    config = TrackerConfig(triangulation_matching="matcher")
+    result = run(sequence, "mono", ORB(1000), matcher, config)
+    assert result.count("lost") == 0
+    # one call initialises; every keyframe after the first two pairs with its neighbours
+    assert matcher.calls >= result.num_keyframes
+    error = ate(result, sequence, "sim3")
+    assert error < ATE_BOUNDS["mono"], f"ATE {100 * error:.2f} cm"
+
+
+def two_keyframes(n: int = 60, seed: int = 0):
+    """Two keyframes 0.3 m apart seeing the same n points, and those points."""
+    rng = np.random.default_rng(seed)
+    camera = Camera(fx=300.0, fy=300.0, cx=160.0, cy=120.0, width=320, height=240)
+    xyz = np.c_[rng.uniform(-1, 1, n), rng.uniform(-0.8, 0.8, n), rng.uniform(3, 5, n)]
+    poses = [np.eye(4), np.eye(4)]
+    poses[1][:3, :3] = Rotation.from_euler("y", 3, degrees=True).as_matrix()
+    poses[1][:3, 3] = [-0.3, 0.0, 0.05]
+    keyframes = []
+    for k, pose in enumerate(poses):
+        uv, _ = project(xyz, pose, camera)
+        keyframes.append(Keyframe(k, k, float(k), pose, uv, np.zeros((n, 32), np.float32),
+                                  np.full(n, np.nan), np.full(n, NO_POINT, np.int64)))
+    return camera, keyframes, xyz
+
+
+def test_matcher_pairs_off_their_epipolar_line_are_not_triangulated():
+    camera, (old, new), xyz = two_keyframes()
+    right = np.arange(40)
+    wrong_new, wrong_old = np.arange(40, 60), np.roll(np.arange(40, 60), 7)   # swapped partners
+    idx_new, idx_old, points = triangulate_pair(new, old, camera, TrackerConfig(),
+                                                (np.r_[right, wrong_new], np.r_[right, wrong_old]))
+    np.testing.assert_array_equal(idx_new, idx_old)          # only true partners survive...
+    assert len(idx_new) >= 38                                # ...nearly all of them (parallax > 1 deg)
+    np.testing.assert_allclose(points, xyz[idx_new], atol=1e-6)
+
+
+def test_keypoints_with_a_map_point_are_not_triangulated_again():
+    camera, (old, new), _ = two_keyframes()
+    new.point_ids[:10] = np.arange(10)
+    idx_new, _, _ = triangulate_pair(new, old, camera, TrackerConfig(), (np.arange(60), np.arange(60)))
+    assert len(idx_new) > 0 and not np.isin(np.arange(10), idx_new).any()

@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: superpoint when its weights are shipped, else orb")
     p.add_argument("--matcher", choices=("superglue", "mnn"),
                    help="default: superglue with learned features when its weights are shipped, else mnn")
+    p.add_argument("--triangulation", choices=("epipolar", "matcher"), default="epipolar",
+                   help="pair keyframes for new map points by descriptor search along epipolar lines "
+                        "(default) or with the matcher (SuperGlue's context, one call per neighbour)")
     p.add_argument("--weights", metavar="DIR_OR_FILE", help="weights to use instead of the shipped ones")
     p.add_argument("--calib", metavar="FILE", help="calibration YAML (fx, fy, cx, cy, distortion, baseline)")
     p.add_argument("--out", metavar="FILE", help="trajectory file (default: outputs/<sequence>_<mode>.txt)")
@@ -219,6 +222,7 @@ def result_title(result, ate) -> str:
 
 def run(args) -> int:
     from vo.pipeline import run as run_pipeline
+    from vo.tracker import TrackerConfig
     from tqdm import tqdm
     source, mode = open_input(args)
     frontend = build_frontend(args)
@@ -235,6 +239,7 @@ def run(args) -> int:
 
     try:
         result = run_pipeline(source, mode, frontend.extractor, frontend.matcher,
+                              TrackerConfig(triangulation_matching=args.triangulation),
                               on_frame=on_frame, max_frames=args.max_frames)
     finally:
         bar.close()

@@ -68,6 +68,10 @@ class TrackerConfig:
     # Epipolar search has no position prior, so it asks for closer descriptors (None: 0.2 binary /
     # as max_descriptor_distance for float). Looser binary matches put wrong points in the map.
     triangulation_max_descriptor_distance: float | None = None
+    # Who pairs the free keypoints of two keyframes: "epipolar" (descriptor search along the
+    # epipolar line, ORB-SLAM's SearchForTriangulation) or "matcher" (the injected matcher on
+    # the whole keyframes, as pySLAM does; its pairs must still lie on the epipolar line).
+    triangulation_matching: str = "epipolar"
     min_found_ratio: float = 0.25         # recent points found / predicted visible
     # Map and backend.
     max_keyframes: int = 20               # kept in memory: BA window + relocalisation
@@ -152,6 +156,9 @@ class Tracker:
             raise ValueError("stereo mode needs camera.baseline")
         self.camera, self.mode = camera, mode
         self.config = config or TrackerConfig()
+        if self.config.triangulation_matching not in ("epipolar", "matcher"):
+            raise ValueError(f"triangulation_matching must be 'epipolar' or 'matcher', "
+                             f"got {self.config.triangulation_matching!r}")
         self.matcher = matcher
         self.colmap_camera = camera.to_colmap()
         self.baseline = camera.baseline if mode == "stereo" else (
@@ -368,8 +375,10 @@ class Tracker:
         """New points from unmatched keypoints of ``keyframe`` and its recent neighbours."""
         added = 0
         neighbours = self.map.recent_keyframes(self.config.triangulation_neighbours + 1)[:-1]
+        use_matcher = self.config.triangulation_matching == "matcher" and self.matcher is not None
         for other in reversed(neighbours):
-            idx_new, idx_old, xyz = triangulate_pair(keyframe, other, self.camera, self.config)
+            pairs = self._match(keyframe, other) if use_matcher else None
+            idx_new, idx_old, xyz = triangulate_pair(keyframe, other, self.camera, self.config, pairs)
             if len(xyz) == 0:
                 continue
             ids = self.map.add_points(keyframe, idx_new, xyz)
@@ -527,15 +536,22 @@ class Tracker:
 
     # --- matching with the injected matcher --------------------------------------------
 
-    def _match(self, first, second: Observation) -> tuple[np.ndarray, np.ndarray]:
-        """Keypoint index pairs between a keyframe/observation and ``second``."""
-        raw0 = first.raw_features if isinstance(first, Keyframe) else first.features.raw
-        desc0 = first.descriptors if isinstance(first, Keyframe) else first.features.descriptors
-        if self.matcher is not None and raw0:
-            matches = to_numpy(self.matcher.match(raw0, second.features.raw)["matches"]).astype(np.int64)
+    def _match(self, first: Keyframe | Observation, second: Keyframe | Observation
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Keypoint index pairs between two keyframes/observations: the injected matcher, else mutual NN."""
+        (raw0, desc0), (raw1, desc1) = matcher_inputs(first), matcher_inputs(second)
+        if self.matcher is not None and raw0 and raw1:
+            matches = to_numpy(self.matcher.match(raw0, raw1)["matches"]).astype(np.int64)
             matches = matches.reshape(-1, 2)
             return matches[:, 0], matches[:, 1]
-        return mutual_nearest(desc0, second.features.descriptors, self.config)
+        return mutual_nearest(desc0, desc1, self.config)
+
+
+def matcher_inputs(view: Keyframe | Observation) -> tuple[dict, np.ndarray]:
+    """The raw features (for the injected matcher) and the descriptors of a keyframe or observation."""
+    if isinstance(view, Keyframe):
+        return view.raw_features, view.descriptors
+    return view.features.raw, view.features.descriptors
 
 
 # --- association -------------------------------------------------------------------------
@@ -807,25 +823,56 @@ def triangulate(xy0, xy1, pose0, pose1, camera: Camera, config: TrackerConfig):
     return xyz, good, parallax
 
 
-def triangulate_pair(new: Keyframe, old: Keyframe, camera: Camera, config: TrackerConfig):
-    """Match unmatched keypoints of two keyframes along epipolar lines and triangulate."""
+def triangulate_pair(new: Keyframe, old: Keyframe, camera: Camera, config: TrackerConfig,
+                     pairs: tuple[np.ndarray, np.ndarray] | None = None):
+    """Triangulate unmatched keypoints of two keyframes.
+
+    ``pairs`` (keypoint indices in new, in old) come from a matcher; without them the free
+    keypoints are paired by descriptor along epipolar lines. Either way a pair must lie within
+    ``max_triangulation_error`` of its epipolar line, reproject and have enough parallax.
+    Returns the keypoint indices in new and old and the points (world).
+    """
+    empty = np.zeros(0, np.int64)
+    if np.linalg.norm(new.centre - old.centre) < 1e-6:
+        return empty, empty, np.zeros((0, 3))
+    F = fundamental_from_poses(old.cam_from_world, new.cam_from_world, camera)
+    if pairs is None:
+        idx_new, idx_old = epipolar_pairs(new, old, F, config)
+    else:
+        idx_new, idx_old = (np.asarray(p, np.int64) for p in pairs)
+        free = (new.point_ids[idx_new] == NO_POINT) & (old.point_ids[idx_old] == NO_POINT)
+        idx_new, idx_old = idx_new[free], idx_old[free]
+        on_line = epipolar_distance(F, old.keypoints[idx_old], new.keypoints[idx_new]) < config.max_triangulation_error
+        idx_new, idx_old = idx_new[on_line], idx_old[on_line]
+    xyz, good, parallax = triangulate(old.keypoints[idx_old], new.keypoints[idx_new],
+                                      old.cam_from_world, new.cam_from_world, camera, config)
+    good &= parallax > config.min_triangulation_parallax_deg
+    return idx_new[good], idx_old[good], xyz[good]
+
+
+def epipolar_lines(F: np.ndarray, xy_old: np.ndarray) -> np.ndarray:
+    """(N,3) normalised lines in the new image of points in the old one (x_new^T F x_old = 0)."""
+    lines = np.c_[xy_old, np.ones(len(xy_old))] @ F.T
+    return lines / np.linalg.norm(lines[:, :2], axis=1, keepdims=True)
+
+
+def epipolar_distance(F: np.ndarray, xy_old: np.ndarray, xy_new: np.ndarray) -> np.ndarray:
+    """Pixel distance of each new point to the epipolar line of its old partner."""
+    return np.abs(np.einsum("ij,ij->i", np.c_[xy_new, np.ones(len(xy_new))], epipolar_lines(F, xy_old)))
+
+
+def epipolar_pairs(new: Keyframe, old: Keyframe, F: np.ndarray, config: TrackerConfig):
+    """Free keypoints of new and old paired by descriptor among those near each other's epipolar line."""
     free_new = np.flatnonzero(new.point_ids == NO_POINT)
     free_old = np.flatnonzero(old.point_ids == NO_POINT)
-    empty = np.zeros(0, np.int64)
-    if len(free_new) == 0 or len(free_old) == 0 or np.linalg.norm(new.centre - old.centre) < 1e-6:
-        return empty, empty, np.zeros((0, 3))
-    # Candidates: keypoints of the new keyframe near the epipolar line of an old one.
-    F = fundamental_from_poses(old.cam_from_world, new.cam_from_world, camera)
-    lines = np.c_[old.keypoints[free_old], np.ones(len(free_old))] @ F.T          # in new image
-    lines /= np.linalg.norm(lines[:, :2], axis=1, keepdims=True)
+    if len(free_new) == 0 or len(free_old) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lines = epipolar_lines(F, old.keypoints[free_old])
     epipolar = np.abs(np.c_[new.keypoints[free_new], np.ones(len(free_new))] @ lines.T)
     i, j = np.nonzero(epipolar < config.max_triangulation_error)
     dist = pair_distances(new.descriptors[free_new[i]], old.descriptors[free_old[j]])
     i, j = best_unique_pairs(i, j, dist, triangulation_max_distance(new.descriptors, config), 0.8)
-    xyz, good, parallax = triangulate(old.keypoints[free_old[j]], new.keypoints[free_new[i]],
-                                      old.cam_from_world, new.cam_from_world, camera, config)
-    good &= parallax > config.min_triangulation_parallax_deg
-    return free_new[i[good]], free_old[j[good]], xyz[good]
+    return free_new[i], free_old[j]
 
 
 def fundamental_from_poses(pose0: np.ndarray, pose1: np.ndarray, camera: Camera) -> np.ndarray:
