@@ -132,3 +132,37 @@ def test_a_superpoint_run_resumes_without_its_init_file(tmp_path):
     resumed = superpoint.init_net(superpoint.default_conf, tmp_path / "gone.pth", checkpoint.path)
     step, _ = checkpoint.load(resumed, torch.optim.Adam(resumed.parameters()))   # strict: same widths and norms
     assert step == 7 and superpoint.channels_from_state_dict(resumed.state_dict()) == SLIM
+
+
+def test_export_turns_a_superpoint_checkpoint_into_the_network_it_trained(tmp_path):
+    from models.superpoint import build_net
+    from vo.train.common import Checkpoint
+    from vo.train.export import export_checkpoint
+    torch.manual_seed(0)
+    net = SuperPointNet(channels=(8, 8, 16, 16, 32), batch_norm=True)
+    for norm in net.norms.values():   # statistics other than the identity, so folding matters
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+    Checkpoint(tmp_path / "run").save(net, torch.optim.Adam(net.parameters()), 123)
+    path, kind, step = export_checkpoint(tmp_path / "run" / "last.pth", tmp_path / "sp.pth")
+    assert (kind, step) == ("superpoint", 123)
+    image = torch.rand(1, 1, 64, 80)
+    with torch.no_grad():
+        expected = net.eval()(image)
+        got = build_net(path).eval()(image)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_export_turns_a_superglue_checkpoint_into_loadable_weights(tmp_path):
+    from models.superglue import SuperGlue
+    from vo.train import superglue
+    from vo.train.common import Checkpoint
+    from vo.train.export import export_checkpoint
+    model = superglue.build_model(superglue.merge_conf({"layers": 1}))
+    Checkpoint(tmp_path / "run").save(model, torch.optim.Adam(model.parameters()), 7)
+    path, kind, _ = export_checkpoint(tmp_path / "run" / "last.pth", tmp_path / "sg.pth")
+    loaded = SuperGlue(weights=path, precision="fp32")
+    assert kind == "superglue" and loaded.conf["GNN_layers"] == ["self", "cross"]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)

@@ -5,6 +5,7 @@
     python -m vo.train superpoint --labels runs/ha_labels --run runs/superpoint
     python -m vo.train superglue --features-from runs/superpoint/superpoint.pth --run runs/superglue
     python -m vo.train superpointvo --labels runs/selflabel --init weights/superpoint_*.pth --run runs/superpointvo
+    python -m vo.train export weights/checkpoints/superglue_last.pth --out runs/sg3503/superglue.pth
 """
 from __future__ import annotations
 
@@ -62,9 +63,12 @@ def main(argv=None) -> int:
     spvo.add_argument("--steps", type=int)
     spvo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                      help="override default_conf, e.g. ha_labels=runs/ha_labels/labels.npz lr=1e-4")
+    ex = sub.add_parser("export", help="shippable weights from a run's checkpoint (RUN/last.pth)")
+    ex.add_argument("checkpoint", metavar="LAST.pth")
+    ex.add_argument("--out", required=True, metavar="FILE.pth")
     args = parser.parse_args(argv)
 
-    conf = parse_overrides(args.set)
+    conf = parse_overrides(getattr(args, "set", []))
     if getattr(args, "steps", None):
         conf["steps"] = args.steps
     if args.stage == "magicpoint":
@@ -80,6 +84,14 @@ def main(argv=None) -> int:
     elif args.stage == "superglue":
         from vo.train import superglue
         print(f"weights: {superglue.train(args.features_from, args.run, args.data, conf)}")
+    elif args.stage == "export":
+        from vo.train.export import export_checkpoint
+        try:
+            path, kind, step = export_checkpoint(args.checkpoint, args.out)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"weights: {path} ({kind}, step {step})")
     elif args.stage == "superpointvo":
         from models.weights import WeightsError
         from vo.train import superpointvo
