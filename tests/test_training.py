@@ -166,3 +166,14 @@ def test_export_turns_a_superglue_checkpoint_into_loadable_weights(tmp_path):
     assert kind == "superglue" and loaded.conf["GNN_layers"] == ["self", "cross"]
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
+
+
+def test_superpoint_pairs_take_the_warp_overrides():
+    from vo.train.superpoint import make_pair
+    image = (np.random.default_rng(0).random((60, 80)) * 255).astype(np.uint8)
+    kpts = np.array([[10.0, 20.0], [40.0, 30.0]])
+    still = {"translation": False, "rotation": False, "scaling": False, "perspective": False, "patch_ratio": 1.0}
+    H_still = make_pair(image, kpts, np.random.default_rng(1), still)[4]
+    H_default = make_pair(image, kpts, np.random.default_rng(1))[4]
+    np.testing.assert_allclose(H_still / H_still[2, 2], np.eye(3), atol=1e-6)
+    assert np.abs(H_default / H_default[2, 2] - np.eye(3)).max() > 0.01

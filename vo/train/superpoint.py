@@ -32,6 +32,10 @@ default_conf = {
     "log_every": 10,
     "export_every": 250,
     "seed": 0,
+    # Each pair's warp: pair_conf with one of these overrides, drawn uniformly ([{}]: pair_conf
+    # only). Adding stronger zoom and perspective, e.g. vo.evaluate_features' strong_conf
+    # without the lost content, trains for the scale changes of forward motion and HPatches.
+    "warps": [{}],
     "loss": losses.default_conf,
 }
 
@@ -52,10 +56,11 @@ class LabelledImages:
         return self.images[i], self.keypoints[self.offsets[i]:self.offsets[i + 1]]
 
 
-def make_pair(image: np.ndarray, keypoints: np.ndarray, rng: np.random.Generator):
-    """An image, its random warp, the keypoint maps of both and the homography (0 -> 1)."""
+def make_pair(image: np.ndarray, keypoints: np.ndarray, rng: np.random.Generator, warp: dict | None = None):
+    """An image, its random warp (``pair_conf`` updated by ``warp``), the keypoint maps of both
+    and the homography (0 -> 1)."""
     hw = image.shape
-    H = sample_homography(hw, rng, **pair_conf)
+    H = sample_homography(hw, rng, **{**pair_conf, **(warp or {})})
     warped = warp_image(image, H)
     warped_kpts = filter_inside(warp_points(H, keypoints), hw)
     image0 = photometric_augment(rng, image)
@@ -63,9 +68,10 @@ def make_pair(image: np.ndarray, keypoints: np.ndarray, rng: np.random.Generator
     return image0, image1, keypoint_map(keypoints, hw), keypoint_map(warped_kpts, hw), H
 
 
-def make_batch(dataset: LabelledImages, rng: np.random.Generator, batch_size: int):
+def make_batch(dataset: LabelledImages, rng: np.random.Generator, batch_size: int, warps=({},)):
     """(2B,1,H,W) images (all first images, then all warps), (2B,H,W) keypoint maps, (B,3,3) H."""
-    pairs = [make_pair(*dataset[int(i)], rng) for i in rng.integers(0, len(dataset), batch_size)]
+    pairs = [make_pair(*dataset[int(i)], rng, warps[int(rng.integers(len(warps)))] if len(warps) > 1 else warps[0])
+             for i in rng.integers(0, len(dataset), batch_size)]
     images = np.stack([p[0] for p in pairs] + [p[1] for p in pairs])
     kp_maps = np.stack([p[2] for p in pairs] + [p[3] for p in pairs])
     homographies = np.stack([p[4] for p in pairs])
@@ -121,7 +127,7 @@ def train(labels: str | Path, run_dir: str | Path, init: str | Path | None = Non
     optimizer = torch.optim.Adam(net.parameters(), lr=conf["lr"])
 
     def loss_at_step(step: int) -> dict:
-        batch = make_batch(dataset, step_rng(conf["seed"], step), conf["batch_size"])
+        batch = make_batch(dataset, step_rng(conf["seed"], step), conf["batch_size"], conf["warps"])
         return pair_loss(net, *batch, step, conf)
 
     return fit(net, optimizer, run_dir, conf, out_name, loss_at_step, {"det": "det", "desc": "desc"})
