@@ -3,6 +3,7 @@
     python benchmarks/vo.py                       # every row
     python benchmarks/vo.py --rows kitti-stereo tum-rgbd --frontends orb+mnn
     python benchmarks/vo.py --json results.json
+    python benchmarks/vo.py --rows kitti-mono --seeds 5   # median ATE and its spread over 5 RANSAC seeds
 
 ATE is the RMSE of positions after SE(3) alignment (Sim(3) for monocular runs), on the
 frames that have ground truth (TUM: nearest stamp within 20 ms). FPS is end to end:
@@ -22,7 +23,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,15 +79,23 @@ def ate_of(result, source, mode: str) -> float:
 
 
 def run_row(row: Row, frontend: str, max_frames: int | None, weights: dict | None = None,
-            config: TrackerConfig | None = None) -> dict:
+            config: TrackerConfig | None = None, seeds: int = 1) -> dict:
+    """One row with one frontend; with ``seeds`` > 1 it runs once per PnP RANSAC seed
+    (``TrackerConfig.seed`` 0, 1, ...) and reports the median ATE and all of them (``ate_runs``)."""
     out = {"row": f"{row.name} {row.mode}", "frontend": frontend, "target_ate": row.target_ate}
     try:
         extractor, matcher = build_frontend(frontend, weights)
     except (WeightsError, FileNotFoundError) as e:
         return {**out, "skipped": f"no weights ({str(e).splitlines()[0]})"}
     source = open_source(str(DATA / row.path))
-    result = run(source, row.mode, extractor, matcher, config or TrackerConfig(), max_frames=max_frames)
-    return {**out, "ate": ate_of(result, source, row.mode), "fps": result.fps, "frames": result.num_frames,
+    config = config or TrackerConfig()
+    runs = []
+    for seed in range(seeds):
+        result = run(source, row.mode, extractor, matcher, replace(config, seed=config.seed + seed),
+                     max_frames=max_frames)
+        runs.append((ate_of(result, source, row.mode), result))
+    ate, result = sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]   # the median run
+    return {**out, "ate": ate, "ate_runs": [a for a, _ in runs], "fps": result.fps, "frames": result.num_frames,
             "keyframes": result.num_keyframes, "lost": result.count("lost"),
             "segments": result.count("new_segment"), "interrupted": result.interrupted,
             "error": result.error, "timings_ms": result.timings_ms}
@@ -102,8 +111,14 @@ def format_table(results: list[dict]) -> str:
             continue
         lines.append(head + f"{ate_text(r['ate']):>10}{ate_text(r['target_ate']):>9}{r['fps']:>7.1f}"
                      f"{r['frames']:>8}{r['keyframes']:>6}{r['lost']:>6}  {verdict(r)}"
-                     + (f"  ({r['error']})" if r["error"] else ""))
+                     + (f"  ({r['error']})" if r["error"] else "") + spread_text(r.get("ate_runs", [])))
     return "\n".join(lines)
+
+
+def spread_text(ate_runs: list[float]) -> str:
+    if len(ate_runs) < 2:
+        return ""
+    return f"  ATE over {len(ate_runs)} seeds {ate_text(min(ate_runs))} - {ate_text(max(ate_runs))}"
 
 
 def verdict(r: dict) -> str:
@@ -139,13 +154,15 @@ def main(argv=None) -> int:
     parser.add_argument("--superglue-weights", default=None, help="default: the shipped weights")
     parser.add_argument("--triangulation", choices=("epipolar", "matcher"), default="epipolar",
                         help="how keyframes are paired for new points (TrackerConfig.triangulation_matching)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="runs per row with PnP RANSAC seeds 0..N-1: median ATE and its spread")
     args = parser.parse_args(argv)
     config = TrackerConfig(triangulation_matching=args.triangulation)
     weights = {"superpoint": args.superpoint_weights, "superglue": args.superglue_weights}
     results = []
     for row_name in args.rows:
         for frontend in args.frontends:
-            results.append(run_row(ROWS[row_name], frontend, args.max_frames, weights, config))
+            results.append(run_row(ROWS[row_name], frontend, args.max_frames, weights, config, args.seeds))
             print(format_table(results[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(results))
