@@ -29,6 +29,17 @@ def setup_cpu(threads: int | None = None) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
+def read_checkpoint_model(path: str | Path) -> tuple[dict, int]:
+    """The model state dict and the step of a training checkpoint (``RUN/last.pth``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path}: not a training checkpoint (no 'model' entry)")
+    return state["model"], int(state.get("step", 0))
+
+
 class Checkpoint:
     """``DIR/last.pth`` holds model, optimiser, step and RNG states; written atomically."""
 

@@ -11,20 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-
 from models.superpoint import SuperPointNet, channels_from_state_dict
-
-
-def load_model_state(path: str | Path) -> tuple[dict, int]:
-    """The model state dict and the step of a training checkpoint (``last.pth``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path}: not a training checkpoint (no 'model' entry)")
-    return state["model"], int(state.get("step", 0))
+from vo.train.common import export_weights, read_checkpoint_model
 
 
 def superglue_layers(state: dict) -> int:
@@ -35,7 +23,7 @@ def superglue_layers(state: dict) -> int:
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> tuple[Path, str, int]:
     """Write the checkpoint's network as plain weights; returns (path, kind, step)."""
-    state, step = load_model_state(checkpoint)
+    state, step = read_checkpoint_model(checkpoint)
     out = Path(out)
     if "bin_score" in state:
         from vo.train import superglue
@@ -44,7 +32,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> tuple[Path, st
         model.load_state_dict(state)
         return superglue.export(model.eval(), out.parent, out.stem), "superglue", step
     if "conv1a.weight" in state:
-        from vo.train.common import export_weights
         batch_norm = any(".running_mean" in k for k in state)
         net = SuperPointNet(channels=channels_from_state_dict(state), batch_norm=batch_norm)
         net.load_state_dict(state)

@@ -18,7 +18,7 @@ from vo.datasets.real_images import DEFAULT_DATA, load_gray
 from vo.datasets.synthetic_shapes import keypoint_map, photometric_augment
 from vo.geometry.homography import filter_inside, pair_conf, sample_homography, warp_image, warp_points
 from vo.train import losses
-from vo.train.common import Checkpoint, fit, setup_cpu, step_rng
+from vo.train.common import Checkpoint, fit, read_checkpoint_model, setup_cpu, step_rng
 
 default_conf = {
     "channels": (16, 32, 64, 64, 128),
@@ -70,6 +70,7 @@ def make_pair(image: np.ndarray, keypoints: np.ndarray, rng: np.random.Generator
 
 def make_batch(dataset: LabelledImages, rng: np.random.Generator, batch_size: int, warps=({},)):
     """(2B,1,H,W) images (all first images, then all warps), (2B,H,W) keypoint maps, (B,3,3) H."""
+    # One warp draws no number, so runs without a mix keep their random streams (and resumes).
     pairs = [make_pair(*dataset[int(i)], rng, warps[int(rng.integers(len(warps)))] if len(warps) > 1 else warps[0])
              for i in rng.integers(0, len(dataset), batch_size)]
     images = np.stack([p[0] for p in pairs] + [p[1] for p in pairs])
@@ -106,7 +107,7 @@ def init_net(conf: dict, init: str | Path | None, resume_from: Path | None = Non
     `fit` loads next), so the init file need not exist any more.
     """
     if resume_from is not None and resume_from.exists():
-        state = torch.load(resume_from, map_location="cpu", weights_only=False)["model"]
+        state, _ = read_checkpoint_model(resume_from)
         return SuperPointNet(channels=channels_from_state_dict(state), batch_norm=True)
     if init is None:
         return SuperPointNet(channels=conf["channels"], batch_norm=True)
