@@ -80,8 +80,9 @@ def ate_of(result, source, mode: str) -> float:
 
 def run_row(row: Row, frontend: str, max_frames: int | None, weights: dict | None = None,
             config: TrackerConfig | None = None, seeds: int = 1) -> dict:
-    """One row with one frontend; with ``seeds`` > 1 it runs once per PnP RANSAC seed
-    (``TrackerConfig.seed`` 0, 1, ...) and reports the median ATE and all of them (``ate_runs``)."""
+    """One row with one frontend; with ``seeds`` > 1 it runs once per RANSAC seed
+    (``TrackerConfig.seed`` 0, 1, ...: the PnP and, in mono, the two-view
+    initialisation RANSAC) and reports the median ATE and all of them (``ate_runs``)."""
     out = {"row": f"{row.name} {row.mode}", "frontend": frontend, "target_ate": row.target_ate}
     try:
         extractor, matcher = build_frontend(frontend, weights)
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
     parser.add_argument("--triangulation", choices=("epipolar", "matcher"), default="epipolar",
                         help="how keyframes are paired for new points (TrackerConfig.triangulation_matching)")
     parser.add_argument("--seeds", type=int, default=1,
-                        help="runs per row with PnP RANSAC seeds 0..N-1: median ATE and its spread")
+                        help="runs per row with RANSAC seeds 0..N-1 (PnP, mono initialisation): median ATE and its spread")
     args = parser.parse_args(argv)
     config = TrackerConfig(triangulation_matching=args.triangulation)
     weights = {"superpoint": args.superpoint_weights, "superglue": args.superglue_weights}

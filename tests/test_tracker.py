@@ -13,7 +13,7 @@ from vo.eval.trajectory import Trajectory
 from vo.map import NO_POINT, Keyframe, invert
 from vo.pipeline import run
 from vo.render import RenderConfig, RenderedSequence
-from vo.tracker import TrackerConfig, TrackerState, project, triangulate_pair
+from vo.tracker import TrackerConfig, TrackerState, initialise_two_view, project, triangulate_pair
 from vo.types import Camera
 
 # ATE bounds on a 2.7 m rendered trajectory (320x240, scene 2-4 m away); measured
@@ -216,3 +216,23 @@ def test_keypoints_with_a_map_point_are_not_triangulated_again():
     new.point_ids[:10] = np.arange(10)
     idx_new, _, _ = triangulate_pair(new, old, camera, TrackerConfig(), (np.arange(60), np.arange(60)))
     assert len(idx_new) > 0 and not np.isin(np.arange(10), idx_new).any()
+
+
+def test_two_view_initialisation_recovers_the_motion_and_follows_the_seed():
+    camera, (ref, cur), xyz = two_keyframes(n=150)
+    rng = np.random.default_rng(1)
+    xy0, xy1 = ref.keypoints, cur.keypoints + rng.normal(0, 0.3, cur.keypoints.shape)
+    xy1[:20] = rng.uniform([0, 0], [320, 240], (20, 2))                      # 13 % outliers
+    config = TrackerConfig(init_min_points=50)
+    rel, points, good = initialise_two_view(xy0, xy1, camera, config)
+    truth = cur.cam_from_world
+    angle = np.degrees(np.arccos(np.clip((np.trace(rel[:3, :3].T @ truth[:3, :3]) - 1) / 2, -1, 1)))
+    direction = truth[:3, 3] / np.linalg.norm(truth[:3, 3])
+    assert angle < 0.3 and np.degrees(np.arccos(rel[:3, 3] @ direction)) < 3
+    # an outlier that happens to lie near its epipolar line triangulates: few do
+    assert good[20:].mean() > 0.9 and good[:20].sum() <= 3
+    inliers = np.flatnonzero(good[20:]) + 20
+    scale = np.median(xyz[inliers, 2] / points[inliers, 2])                  # up to scale
+    np.testing.assert_allclose(points[inliers] * scale, xyz[inliers], rtol=0.05, atol=0.05)
+    again = initialise_two_view(xy0, xy1, camera, config)
+    np.testing.assert_array_equal(again[0], rel)                             # same seed, same answer

@@ -86,7 +86,7 @@ class TrackerConfig:
     reloc_keyframes: int = 5
     reloc_min_inliers: int = 30
     reloc_attempts: int = 3               # frames to try before starting a new segment
-    seed: int = 0                         # RANSAC seed: runs are repeatable
+    seed: int = 0                         # RANSAC seed (PnP, two-view init): runs are repeatable
 
 
 @dataclass
@@ -891,20 +891,19 @@ def initialise_two_view(xy0: np.ndarray, xy1: np.ndarray, camera: Camera, config
     triangulation with cheirality, reprojection and parallax checks.
     """
     K = camera.K
-    E, e_mask = cv2.findEssentialMat(xy0, xy1, K, cv2.RANSAC, 0.999, 1.0)
-    H, h_mask = cv2.findHomography(xy0, xy1, cv2.RANSAC, 2.0)
-    if E is None or E.shape != (3, 3):
+    xy0, xy1 = np.asarray(xy0, np.float64), np.asarray(xy1, np.float64)
+    essential, H = two_view_ransac(xy0, xy1, camera, config.seed)
+    if essential is None:
         return None
-    F = np.linalg.inv(K).T @ E @ np.linalg.inv(K)
+    F = np.linalg.inv(K).T @ essential["E"] @ np.linalg.inv(K)
     score_h = homography_score(H, xy0, xy1) if H is not None else 0.0
     score_f = fundamental_score(F, xy0, xy1)
-    candidates = []
     if score_h / max(score_h + score_f, 1e-9) > config.init_homography_ratio:
         _, rotations, translations, _ = cv2.decomposeHomographyMat(H, K)
         candidates = [(R, t.ravel()) for R, t in zip(rotations, translations)]
-    else:
-        _, R, t, _ = cv2.recoverPose(E, xy0, xy1, K, mask=e_mask.copy())
-        candidates = [(R, t.ravel())]
+    else:   # pycolmap has already picked the decomposition with the points in front
+        cur_from_ref = essential["cam2_from_cam1"]
+        candidates = [(cur_from_ref.rotation.matrix(), np.asarray(cur_from_ref.translation))]
     best = None
     for R, t in candidates:
         rel = np.eye(4)
@@ -919,6 +918,19 @@ def initialise_two_view(xy0: np.ndarray, xy1: np.ndarray, camera: Camera, config
         return None   # too little motion yet: depths would be unreliable
     good &= parallax > config.min_triangulation_parallax_deg
     return (rel, xyz, good) if good.sum() >= config.init_min_points else None
+
+
+def two_view_ransac(xy0: np.ndarray, xy1: np.ndarray, camera: Camera, seed: int):
+    """Essential matrix (1 px) and homography (2 px) by pycolmap's LO-RANSAC, seeded so that a
+    run is repeatable and ``seed`` varies the initialisation too; (dict or None, H or None)."""
+    options = pycolmap.RANSACOptions()
+    options.confidence, options.random_seed = 0.999, seed
+    options.max_error = 1.0
+    colmap_camera = camera.to_colmap()
+    essential = pycolmap.estimate_essential_matrix(xy0, xy1, colmap_camera, colmap_camera, options)
+    options.max_error = 2.0
+    homography = pycolmap.estimate_homography_matrix(xy0, xy1, options)
+    return essential, (homography["H"] if homography is not None else None)
 
 
 def fundamental_score(F, xy0, xy1, sigma: float = 1.0) -> float:
