@@ -254,3 +254,15 @@ def test_pose_evaluation_recovers_a_known_relative_pose():
     assert pose_error(T_0to1, estimate_pose(kp0, kp1, K0, K1)) < 0.5
     assert pose_error(T_0to1, None) == float("inf")
     assert pose_auc([0.0, 0.0, np.inf], (5,)) == pytest.approx([2 / 3])
+
+    # the summary: the right matches give AUC 100 and median error ~0; scrambled ones no pose at all
+    from vo.evaluate_matching import Matcher, PosePair, evaluate
+    blank = np.zeros((480, 640), np.uint8)
+    pair = PosePair("a b", blank, blank + 1, K0, K1, T_0to1)
+    extract = lambda image: {"keypoints": kp0 if image[0, 0] == 0 else kp1,
+                             "scores": np.ones(200), "descriptors": np.eye(200, 256)}
+    right = Matcher("right", lambda f0, f1: np.c_[np.arange(200), np.arange(200)])
+    scrambled = Matcher("scrambled", lambda f0, f1: np.c_[np.arange(200), rng.permutation(200)])
+    results = evaluate(extract, [right, scrambled], [], [pair], [])
+    assert results["right"]["auc20"] > 95 and results["right"]["median_pose_error"] < 0.5
+    assert results["scrambled"]["auc20"] == 0 and results["scrambled"]["median_pose_error"] > 20

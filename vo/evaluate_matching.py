@@ -253,6 +253,8 @@ def evaluate(extract: Callable[[np.ndarray], dict], matchers: list[Matcher], hom
         summary = {"precision": mean("precision"), "recall": mean("recall"), "matches": mean("matches")}
         if errors:
             summary.update(zip(("auc5", "auc10", "auc20"), (100 * a for a in pose_auc(errors))))
+            # tells matchers apart where no pose comes within 20 degrees (every AUC 0)
+            summary["median_pose_error"] = float(np.median(errors))
         for eps in F.HOMOGRAPHY_EPSILONS:
             summary[f"h_acc_{eps}"] = F.homography_accuracy(corner_errors, eps)
         results[matcher.name] = summary
@@ -261,6 +263,7 @@ def evaluate(extract: Callable[[np.ndarray], dict], matchers: list[Matcher], hom
 
 COLUMNS = (("precision", "P", "{:.3f}"), ("recall", "R", "{:.3f}"), ("matches", "matches", "{:.0f}"),
            ("auc5", "AUC@5°", "{:.2f}"), ("auc10", "AUC@10°", "{:.2f}"), ("auc20", "AUC@20°", "{:.2f}"),
+           ("median_pose_error", "median pose err. °", "{:.1f}"),
            ("h_acc_1", "H ε=1", "{:.3f}"), ("h_acc_3", "H ε=3", "{:.3f}"), ("h_acc_5", "H ε=5", "{:.3f}"))
 
 
@@ -324,7 +327,8 @@ def run(args) -> str:
     legend = (f"Features: SuperPoint ({superpoint.weights}), at most {args.max_keypoints} keypoints, shared by all "
               f"matchers. P / R / matches: {len(homography)} held-out Kodak24 pairs at 480x640, random "
               f"'strong' homographies (seed {args.seed}) + photometric; a match is correct within 3 px. "
-              f"AUC (%): {len(scannet)} ScanNet pairs at 640x480, essential matrix by RANSAC "
+              f"AUC (%) and median pose error (max of the rotation and translation-direction angles): "
+              f"{len(scannet)} ScanNet pairs at 640x480, essential matrix by RANSAC "
               f"({POSE_RANSAC_PX:g} px); paper (1500 pairs): {paper}. "
               f"H ε: HPatches v_churchill 1 vs 2..6 at 640x480, fraction of pairs with mean corner error <= ε px.")
     return legend + "\n\n" + format_table(results) + "\n"
