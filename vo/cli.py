@@ -36,8 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("mono", "stereo", "rgbd"), help="default: the richest the source allows")
     p.add_argument("--features", choices=("superpoint", "superpointvo", "orb", "sift"),
                    help="default: superpoint when its weights are shipped, else orb")
-    p.add_argument("--matcher", choices=("superglue", "mnn"),
-                   help="default: superglue with learned features when its weights are shipped, else mnn")
+    p.add_argument("--matcher", choices=("superglue", "mnn"), default="mnn",
+                   help="mutual nearest neighbours (default) or SuperGlue (weights/superglue_*.pth); "
+                        "SuperGlue is not the default yet: it loses on KITTI monocular (weights/README.md)")
     p.add_argument("--triangulation", choices=("epipolar", "matcher"), default="epipolar",
                    help="pair keyframes for new map points by descriptor search along epipolar lines "
                         "(default) or with the matcher (SuperGlue's context, one call per neighbour)")
@@ -107,10 +108,8 @@ def build_frontend(args) -> Frontend:
     else:
         extractor = build_extractor(features, max_keypoints=max(args.max_keypoints, 1500))
     matcher_name = args.matcher
-    sg_weights = shipped("superglue_*.pth", args.weights)
-    if matcher_name is None:
-        matcher_name = "superglue" if sg_weights and features.startswith("superpoint") else "mnn"
     if matcher_name == "superglue":
+        sg_weights = shipped("superglue_*.pth", args.weights)
         if sg_weights is None:
             raise UsageError(f"{args.weights or ROOT / 'weights'}: no superglue_*.pth weights found")
         matcher = build_matcher("superglue", weights=sg_weights)

@@ -89,6 +89,15 @@ def superglue_conf(path: str | Path) -> dict:
     return conf_from_state_dict(read_state_dict(path), path)
 
 
+def shipped_superglue() -> list[str]:
+    """The shipped ``weights/superglue_*.pth`` as a one-item list, or none."""
+    from models.weights import WeightsError, default_weights
+    try:
+        return [str(default_weights("superglue_*.pth"))]
+    except WeightsError:
+        return []
+
+
 def superglue_matcher(weights: str) -> Matcher:
     from models.superglue import SuperGlue
 
@@ -285,7 +294,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m vo.evaluate_matching", description=__doc__.split("\n\n")[0])
     parser.add_argument("--superpoint", metavar="PATH", help="SuperPoint weights (default: the shipped weights/superpoint_*.pth)")
     parser.add_argument("--superglue", action="append", metavar="PATH", default=[],
-                        help="SuperGlue weights (repeatable; 'indoor'/'outdoor' = shipped official files)")
+                        help="SuperGlue weights (repeatable; 'indoor'/'outdoor' = shipped official files; "
+                             "default: the shipped weights/superglue_*.pth)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"shared data folder (default {DEFAULT_DATA})")
     parser.add_argument("--ratio", type=float, nargs="+", default=[0.8],
                         help="Lowe ratio(s) for the MNN + ratio rows; pass several to tune (default 0.8)")
@@ -311,7 +321,7 @@ def run(args) -> str:
     try:
         superpoint = SuperPoint(weights=args.superpoint, max_keypoints=args.max_keypoints, precision="fp32")
         matchers = [mutual_nn_matcher(None)] + [mutual_nn_matcher(r) for r in args.ratio]
-        matchers += [superglue_matcher(w) for w in args.superglue]
+        matchers += [superglue_matcher(w) for w in args.superglue or shipped_superglue()]
     except WeightsError as e:
         raise InputError(str(e)) from None
     held_out = held_out_images(args.data)

@@ -5,7 +5,7 @@
     python -m vo.train superpoint --labels runs/ha_labels --run runs/superpoint
     python -m vo.train superglue --features-from runs/superpoint/superpoint.pth --run runs/superglue
     python -m vo.train superpointvo --labels runs/selflabel --init weights/superpoint_*.pth --run runs/superpointvo
-    python -m vo.train export weights/checkpoints/superglue_last.pth --out runs/sg3503/superglue.pth
+    python -m vo.train export weights/checkpoints/superpoint_last.pth --out runs/superpoint_r2s/superpoint.pth
 """
 from __future__ import annotations
 
