@@ -206,7 +206,7 @@ def test_descriptor_prior_init_starts_as_a_soft_mutual_nn():
         if init == "prior":
             superglue.prior_init(model, temperature=0.05, dustbin=0.3)
             # every residual branch starts at zero: the GNN is the identity
-            assert all(float(layer.mlp[-1].weight.abs().max()) == 0 for layer in model.gnn.layers)
+            assert all(float(layer.mlp[-1].weight.detach().abs().max()) == 0 for layer in model.gnn.layers)
         with torch.no_grad():
             matches0 = superglue.filter_matches(model.eval()(batch), 0.2)[0]
         results[init] = {k: float(v.mean()) for k, v in superglue.match_metrics(matches0, batch["gt0"]).items()}
