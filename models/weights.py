@@ -24,6 +24,14 @@ def default_weights(pattern: str) -> Path:
     return found[-1]
 
 
+def default_weights_or_none(pattern: str) -> str | None:
+    """``default_weights(pattern)`` as a string, or None when nothing ships (optional rows of evaluators)."""
+    try:
+        return str(default_weights(pattern))
+    except WeightsError:
+        return None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a plain state dict (or a training checkpoint holding one) safely."""
     path = Path(path)

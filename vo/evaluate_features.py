@@ -295,15 +295,10 @@ def superpoint_method(name: str, weights, detector_only: bool, threshold: float 
 def build_methods(args) -> tuple[list[Method], list[str]]:
     """The methods to run and one-line notes about those skipped."""
     from models.classical import ORB, SIFT
-    from models.weights import WeightsError, default_weights
+    from models.weights import default_weights_or_none
 
     methods, notes = [], []
-    shipped = {}
-    for kind in ("magicpoint", "superpoint"):
-        try:
-            shipped[kind] = default_weights(f"{kind}_*.pth")
-        except WeightsError:
-            shipped[kind] = None
+    shipped = {kind: default_weights_or_none(f"{kind}_*.pth") for kind in ("magicpoint", "superpoint")}
     magicpoint = args.magicpoint or shipped["magicpoint"]
     if magicpoint is None:
         notes.append("MagicPoint: no shipped weights/magicpoint_*.pth; skipped (pass --magicpoint PATH)")

@@ -89,15 +89,6 @@ def superglue_conf(path: str | Path) -> dict:
     return conf_from_state_dict(read_state_dict(path), path)
 
 
-def shipped_superglue() -> list[str]:
-    """The shipped ``weights/superglue_*.pth`` as a one-item list, or none."""
-    from models.weights import WeightsError, default_weights
-    try:
-        return [str(default_weights("superglue_*.pth"))]
-    except WeightsError:
-        return []
-
-
 def superglue_matcher(weights: str) -> Matcher:
     from models.superglue import SuperGlue
 
@@ -313,7 +304,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args) -> str:
     from models.superpoint import SuperPoint
-    from models.weights import WeightsError
+    from models.weights import WeightsError, default_weights_or_none
     from vo.datasets.real_images import held_out_images
 
     if not args.data.is_dir():
@@ -321,7 +312,8 @@ def run(args) -> str:
     try:
         superpoint = SuperPoint(weights=args.superpoint, max_keypoints=args.max_keypoints, precision="fp32")
         matchers = [mutual_nn_matcher(None)] + [mutual_nn_matcher(r) for r in args.ratio]
-        matchers += [superglue_matcher(w) for w in args.superglue or shipped_superglue()]
+        shipped = default_weights_or_none("superglue_*.pth")
+        matchers += [superglue_matcher(w) for w in args.superglue or ([shipped] if shipped else [])]
     except WeightsError as e:
         raise InputError(str(e)) from None
     held_out = held_out_images(args.data)

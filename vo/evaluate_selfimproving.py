@@ -73,12 +73,6 @@ def build_detector(name: str, spec: str, max_keypoints: int) -> Detector:
     return Detector(name, spec, build_extractor("superpoint", weights=spec, max_keypoints=max_keypoints))
 
 
-def default_weights_or_none(pattern: str) -> str | None:
-    from models.weights import WEIGHTS_DIR
-    found = sorted(WEIGHTS_DIR.glob(pattern))
-    return str(found[-1]) if found else None
-
-
 def labelled_sources(labels_dir: str | None) -> list[Path]:
     """The sequences a vo.selflabel run labelled (from its manifest.json)."""
     if not labels_dir:
@@ -244,6 +238,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    from models.weights import default_weights_or_none
     base = args.base or default_weights_or_none("superpoint_*.pth")
     tuned = args.finetuned or default_weights_or_none("superpointvo_*.pth")
     if base is None or tuned is None:
