@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from models.superpoint import SuperPointNet
@@ -121,6 +122,21 @@ def test_learning_rate_steps_down_at_the_decay_step():
     assert learning_rate(conf, 99) == 1e-3
     assert np.isclose(learning_rate(conf, 100), 1e-4) and np.isclose(learning_rate(conf, 5000), 1e-4)
     assert learning_rate({"lr": 1e-3, "lr_decay_step": None}, 10**6) == 1e-3
+
+
+def test_set_overrides_reach_nested_options_and_reject_unknown_ones(capsys):
+    """A dotted --set key changes the nested loss weight; a mistyped key stops the stage in one line."""
+    from vo.train import superpoint
+    from vo.train.__main__ import main
+    from vo.train.common import UnknownOption, merge_conf
+    conf = merge_conf(superpoint.default_conf, {"loss.lambda_loss": 1.0, "lr": 3e-4})
+    assert conf["loss"]["lambda_loss"] == 1.0 and conf["lr"] == 3e-4
+    assert superpoint.default_conf["loss"]["lambda_loss"] == losses.default_conf["lambda_loss"] == 1e-4
+    for bad in ({"loss.lambda_los": 1.0}, {"nope": 1}, {"lr.x": 1}):
+        with pytest.raises(UnknownOption):
+            merge_conf(superpoint.default_conf, bad)
+    assert main(["superpoint", "--labels", "missing.npz", "--set", "loss.lambda_los=1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --set: unknown option 'loss.lambda_los'"
 
 
 def test_a_superpoint_run_resumes_without_its_init_file(tmp_path):

@@ -14,6 +14,7 @@ import json
 import sys
 
 from vo.datasets.real_images import DEFAULT_DATA
+from vo.train.common import UnknownOption
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -71,6 +72,14 @@ def main(argv=None) -> int:
     conf = parse_overrides(getattr(args, "set", []))
     if getattr(args, "steps", None):
         conf["steps"] = args.steps
+    try:
+        return run_stage(args, conf)
+    except UnknownOption as e:   # a mistyped --set key: one line, no traceback
+        print(f"error: --set: {e.args[0]}", file=sys.stderr)
+        return 2
+
+
+def run_stage(args, conf: dict) -> int:
     if args.stage == "magicpoint":
         from vo.train import magicpoint
         print(f"weights: {magicpoint.train(args.run, conf)}")

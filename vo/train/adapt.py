@@ -23,7 +23,7 @@ from models.runtime import autocast, select_precision
 from models.superpoint import build_net, logits_to_heatmap, select_keypoints, simple_nms
 from vo.datasets.real_images import load_gray, training_images
 from vo.geometry.homography import homographic_adaptation_conf, sample_homography, warp_image
-from vo.train.common import setup_cpu
+from vo.train.common import merge_conf, setup_cpu
 
 default_conf = {
     "num_homographies": 100,
@@ -123,7 +123,7 @@ def reuse_labels(out_dir: Path, paths: list[Path], data_root: Path) -> int:
 
 
 def run(detector: str | Path, out_dir: str | Path, data_root: str | Path, conf: dict | None = None) -> Path:
-    conf = {**default_conf, **(conf or {})}
+    conf = merge_conf(default_conf, conf)
     conf["precision"] = select_precision(torch.device("cpu"), conf["precision"])
     setup_cpu()
     out_dir = Path(out_dir)

@@ -1,6 +1,7 @@
 """What every training stage shares: resumable checkpoints, a plain log, the CPU set-up."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -27,6 +28,30 @@ def setup_cpu(threads: int | None = None) -> None:
     if threads is None and "OMP_NUM_THREADS" in os.environ:
         return
     torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+class UnknownOption(KeyError):
+    """A configuration key the stage's default_conf does not have."""
+
+
+def merge_conf(defaults: dict, overrides: dict | None) -> dict:
+    """A deep copy of a stage's ``defaults`` with ``overrides`` applied.
+
+    A dotted key ("loss.lambda_loss") reaches into a nested dict. A key the defaults do not
+    have raises UnknownOption, so a mistyped ``--set`` stops the stage instead of being ignored.
+    """
+    conf = copy.deepcopy(defaults)
+    for key, value in (overrides or {}).items():
+        *path, last = key.split(".")
+        node = conf
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                raise UnknownOption(f"unknown option {key!r}")
+            node = node[part]
+        if last not in node:
+            raise UnknownOption(f"unknown option {key!r}")
+        node[last] = value
+    return conf
 
 
 def read_checkpoint_model(path: str | Path) -> tuple[dict, int]:

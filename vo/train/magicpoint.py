@@ -13,7 +13,7 @@ from tqdm import tqdm
 from models.superpoint import SuperPointNet, logits_to_heatmap, select_keypoints, simple_nms
 from vo.datasets import synthetic_shapes as shapes
 from vo.eval.detection import detection_map
-from vo.train.common import Checkpoint, TrainLog, export_weights, setup_cpu, step_rng
+from vo.train.common import Checkpoint, TrainLog, export_weights, merge_conf, setup_cpu, step_rng
 from vo.train.losses import detector_loss, keypoint_map_to_cell_labels
 
 default_conf = {
@@ -84,7 +84,7 @@ def evaluate_map(net, conf: dict, eval_sets: dict) -> dict:
 
 
 def train(run_dir: str | Path, conf: dict | None = None) -> Path:
-    conf = {**default_conf, **(conf or {})}
+    conf = merge_conf(default_conf, conf)
     setup_cpu()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ model configuration it needs (``SuperGlue(weights=..., **json)``).
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import json
 import os
@@ -30,6 +29,7 @@ from models.runtime import autocast, select_precision
 from models.superglue import SuperGlue, filter_matches
 from models.superglue import default_conf as superglue_conf
 from vo.train import match_data
+from vo.train.common import merge_conf as common_merge_conf
 from vo.train.common import Checkpoint, TrainLog, export_weights, set_learning_rate, setup_cpu, step_rng
 
 # Smaller than the official 9 x (self, cross): 4 pairs halve the time per step. The width
@@ -302,29 +302,13 @@ def export(model: SuperGlue, run_dir: Path, name: str = "superglue") -> Path:
 
 
 def merge_conf(overrides: dict | None) -> dict:
-    """default_conf with ``overrides``; a dotted key ("data.homography.pairs_per_image") reaches into the nest."""
-    conf = copy.deepcopy(default_conf)
-    for key, value in (overrides or {}).items():
-        *path, last = key.split(".")
-        node = conf
-        for part in path:
-            if not isinstance(node.get(part), dict):
-                raise KeyError(f"unknown option {key!r}")
-            node[part] = dict(node[part])
-            node = node[part]
-        node[last] = value
-    unknown = set(conf) - set(default_conf)
-    if unknown:
-        raise KeyError(f"unknown option(s) {sorted(unknown)}; see vo/train/superglue.py default_conf")
-    return conf
+    """default_conf with ``overrides`` (dotted keys reach into the nest; see common.merge_conf)."""
+    return common_merge_conf(default_conf, overrides)
 
 
 def train(features_from: str | Path, run_dir: str | Path, data_root: str | Path,
           conf: dict | None = None) -> Path:
-    try:
-        conf = merge_conf(conf)
-    except KeyError as e:
-        raise SystemExit(f"--set: {e.args[0]}") from None
+    conf = merge_conf(conf)
     conf["precision"] = select_precision(torch.device("cpu"), conf["precision"])
     setup_cpu()
     run_dir, data_root = Path(run_dir), Path(data_root)

@@ -18,7 +18,7 @@ from vo.datasets.real_images import DEFAULT_DATA, load_gray
 from vo.datasets.synthetic_shapes import keypoint_map, photometric_augment
 from vo.geometry.homography import filter_inside, pair_conf, sample_homography, warp_image, warp_points
 from vo.train import losses
-from vo.train.common import Checkpoint, fit, read_checkpoint_model, setup_cpu, step_rng
+from vo.train.common import Checkpoint, fit, merge_conf, read_checkpoint_model, setup_cpu, step_rng
 
 default_conf = {
     "channels": (16, 32, 64, 64, 128),
@@ -119,7 +119,7 @@ def init_net(conf: dict, init: str | Path | None, resume_from: Path | None = Non
 
 def train(labels: str | Path, run_dir: str | Path, init: str | Path | None = None,
           conf: dict | None = None, out_name: str = "superpoint.pth") -> Path:
-    conf = {**default_conf, **(conf or {})}
+    conf = merge_conf(default_conf, conf)
     conf["precision"] = select_precision(torch.device("cpu"), conf["precision"])
     setup_cpu()
     run_dir = Path(run_dir)

@@ -33,7 +33,7 @@ from vo.datasets.base import as_uint8_image, gray
 from vo.datasets.synthetic_shapes import photometric_augment
 from vo.geometry.homography import inside_mask, pair_conf, sample_homography, warp_image, warp_points
 from vo.train import losses, superpoint
-from vo.train.common import fit, setup_cpu, step_rng
+from vo.train.common import fit, merge_conf, setup_cpu, step_rng
 
 default_conf = {
     "channels": (16, 32, 64, 64, 128),   # only for --init none
@@ -251,7 +251,7 @@ def pair_dataset(conf: dict, frames: SelfLabelledFrames):
 
 def train(labels_dir: str | Path, run_dir: str | Path, init: str | Path | None = None,
           conf: dict | None = None, out_name: str = "superpointvo.pth") -> Path:
-    conf = {**default_conf, **(conf or {})}
+    conf = merge_conf(default_conf, conf)
     conf["precision"] = select_precision(torch.device("cpu"), conf["precision"])
     run_dir = Path(run_dir)
     frames = SelfLabelledFrames(labels_dir, conf["image_size"], conf["min_points"])
