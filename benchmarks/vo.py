@@ -96,10 +96,16 @@ def run_row(row: Row, frontend: str, max_frames: int | None, weights: dict | Non
                      max_frames=max_frames)
         runs.append((ate_of(result, source, row.mode), result))
     ate, result = sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]   # the median run
-    return {**out, "ate": ate, "ate_runs": [a for a, _ in runs], "fps": result.fps, "frames": result.num_frames,
+    return {**out, "ate": ate, "ate_runs": [a for a, _ in runs], "start_frames": [first_start(r) for _, r in runs],
+            "fps": result.fps, "frames": result.num_frames,
             "keyframes": result.num_keyframes, "lost": result.count("lost"),
             "segments": result.count("new_segment"), "interrupted": result.interrupted,
             "error": result.error, "timings_ms": result.timings_ms}
+
+
+def first_start(result) -> int | None:
+    """The frame at which the tracker first initialised (mono: the second frame of its two-view start)."""
+    return next((index for index, name in result.events if name == "initialised"), None)
 
 
 def format_table(results: list[dict]) -> str:
@@ -112,14 +118,18 @@ def format_table(results: list[dict]) -> str:
             continue
         lines.append(head + f"{ate_text(r['ate']):>10}{ate_text(r['target_ate']):>9}{r['fps']:>7.1f}"
                      f"{r['frames']:>8}{r['keyframes']:>6}{r['lost']:>6}  {verdict(r)}"
-                     + (f"  ({r['error']})" if r["error"] else "") + spread_text(r.get("ate_runs", [])))
+                     + (f"  ({r['error']})" if r["error"] else "") + spread_text(r))
     return "\n".join(lines)
 
 
-def spread_text(ate_runs: list[float]) -> str:
+def spread_text(r: dict) -> str:
+    """Over several seeds: the ATE range, and each seed's ATE with its start frame (the
+    monocular start is where seeds part ways)."""
+    ate_runs = r.get("ate_runs", [])
     if len(ate_runs) < 2:
         return ""
-    return f"  ATE over {len(ate_runs)} seeds {ate_text(min(ate_runs))} - {ate_text(max(ate_runs))}"
+    per_seed = ", ".join(f"{ate_text(a)} @{f}" for a, f in zip(ate_runs, r.get("start_frames", [])))
+    return f"  ATE over {len(ate_runs)} seeds {ate_text(min(ate_runs))} - {ate_text(max(ate_runs))} [{per_seed}]"
 
 
 def verdict(r: dict) -> str:
