@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
 import torch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+# Magic Leap's files, which a user may drop into weights/; a default prefers the project's own.
+OFFICIAL_NAMES = frozenset({"superpoint_v1.pth", "superglue_indoor.pth", "superglue_outdoor.pth"})
 
 
 class WeightsError(RuntimeError):
@@ -16,12 +19,26 @@ class WeightsError(RuntimeError):
 
 def default_weights(pattern: str) -> Path:
     """The newest shipped file in ``weights/`` matching ``pattern`` (e.g. 'superpoint_*.pth')."""
-    found = sorted(WEIGHTS_DIR.glob(pattern))
-    if not found:
+    found = newest_match(WEIGHTS_DIR, pattern)
+    if found is None:
         raise WeightsError(
             f"no shipped weights match weights/{pattern}; pass weights=PATH "
             "(e.g. the official Magic Leap .pth) or train them with `python -m vo.train`")
-    return found[-1]
+    return found
+
+
+def newest_match(folder: Path, pattern: str) -> Path | None:
+    """The last file of ``folder`` matching ``pattern`` in natural order (v10 after v9), or None.
+
+    The project's own files come before Magic Leap's: those are picked only when nothing else matches.
+    """
+    found = sorted(Path(folder).glob(pattern), key=lambda p: (p.name not in OFFICIAL_NAMES, natural_key(p)))
+    return found[-1] if found else None
+
+
+def natural_key(path: Path) -> list:
+    """Sort key that orders the digit runs of a name by value: ..._v2.pth before ..._v10.pth."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
 def default_weights_or_none(pattern: str) -> str | None:

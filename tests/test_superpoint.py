@@ -100,6 +100,18 @@ def test_official_layout_loads_strictly_and_extracts(tmp_path):
     assert torch.allclose(colour["keypoints"], feats["keypoints"])
 
 
+def test_default_weights_are_the_newest_of_our_own_even_beside_the_official_file(tmp_path):
+    from models.weights import newest_match
+    for name in ("superpoint_ours_v2.pth", "superpoint_ours_v10.pth", "superpoint_v1.pth"):
+        (tmp_path / name).touch()
+    assert newest_match(tmp_path, "superpoint_*.pth").name == "superpoint_ours_v10.pth"
+    assert newest_match(tmp_path, "superpoint_v1.pth").name == "superpoint_v1.pth"   # named: picked
+    for name in ("superpoint_ours_v2.pth", "superpoint_ours_v10.pth"):
+        (tmp_path / name).unlink()
+    assert newest_match(tmp_path, "superpoint_*.pth").name == "superpoint_v1.pth"    # the only one there
+    assert newest_match(tmp_path, "superglue_*.pth") is None
+
+
 def test_slim_widths_load_through_the_same_loader(tmp_path):
     net = SuperPointNet(channels=(32, 32, 64, 64, 128))
     path = tmp_path / "slim.pth"

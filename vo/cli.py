@@ -75,8 +75,8 @@ def shipped(pattern: str, weights: str | None) -> Path | None:
     folder = Path(weights) if weights else ROOT / "weights"
     if not folder.is_dir():
         raise UsageError(f"{folder}: no such weights file or folder")
-    found = sorted(folder.glob(pattern))
-    return found[-1] if found else None
+    from models.weights import newest_match
+    return newest_match(folder, pattern)
 
 
 def set_threads(threads: int | None) -> None:
