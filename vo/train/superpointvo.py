@@ -28,7 +28,7 @@ import torch
 
 from models.runtime import select_precision
 from models.superpoint import SuperPointNet, build_net
-from models.weights import default_weights
+from models.weights import default_weights, newest_match
 from vo.datasets.base import as_uint8_image, gray
 from vo.datasets.synthetic_shapes import photometric_augment
 from vo.geometry.homography import inside_mask, pair_conf, sample_homography, warp_image, warp_points
@@ -226,10 +226,10 @@ def resolve_init(init: str | Path | None) -> Path | None:
     if str(init).lower() == "none":
         return None
     if glob.has_magic(str(init)):
-        found = sorted(glob.glob(str(init)))
-        if not found:
+        found = newest_match(Path(init).parent, Path(init).name)
+        if found is None:
             raise FileNotFoundError(f"{init}: no weights match")
-        return Path(found[-1])
+        return found
     return Path(init)
 
 
