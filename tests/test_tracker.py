@@ -13,7 +13,7 @@ from vo.eval.trajectory import Trajectory
 from vo.map import NO_POINT, Keyframe, invert
 from vo.pipeline import run
 from vo.render import RenderConfig, RenderedSequence
-from vo.tracker import TrackerConfig, TrackerState, initialise_two_view, project, triangulate_pair
+from vo.tracker import Tracker, TrackerConfig, TrackerState, initialise_two_view, project, triangulate_pair
 from vo.types import Camera
 
 # ATE bounds on a 2.7 m rendered trajectory (320x240, scene 2-4 m away); measured
@@ -216,6 +216,27 @@ def test_keypoints_with_a_map_point_are_not_triangulated_again():
     new.point_ids[:10] = np.arange(10)
     idx_new, _, _ = triangulate_pair(new, old, camera, TrackerConfig(), (np.arange(60), np.arange(60)))
     assert len(idx_new) > 0 and not np.isin(np.arange(10), idx_new).any()
+
+
+def test_monocular_triangulation_skips_neighbours_too_close_for_the_scene_depth():
+    # Points 3-5 m away (median ~4 m): ORB-SLAM's 1 % baseline-to-depth ratio asks for ~4 cm.
+    camera, (first, _), xyz = two_keyframes()
+    tracker = Tracker(camera, "mono")
+    keyframes = []
+    for k, x in enumerate([0.0, -0.2, -0.299, -0.3]):    # the third is 1 mm from the newest
+        pose = np.eye(4)
+        pose[0, 3] = -x                                  # camera centre at x
+        uv, _ = project(xyz, pose, camera)
+        keyframes.append(Keyframe(k, k, float(k), pose, uv, first.descriptors, first.right_x,
+                                  np.full(len(xyz), NO_POINT, np.int64)))
+        tracker.map.add_keyframe(keyframes[-1])
+    tracker.map.add_points(keyframes[-1], np.arange(30), xyz[:30])
+    neighbours = tracker._triangulation_neighbours(keyframes[-1])
+    assert [kf.id for kf in neighbours] == [1, 0]
+    rgbd = Tracker(camera, "rgbd")                      # metric depth: the newest, as before
+    for keyframe in keyframes:
+        rgbd.map.add_keyframe(keyframe)
+    assert [kf.id for kf in rgbd._triangulation_neighbours(keyframes[-1])] == [2, 1]
 
 
 def test_two_view_initialisation_recovers_the_motion_and_follows_the_seed():

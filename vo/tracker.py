@@ -63,6 +63,13 @@ class TrackerConfig:
     stereo_patch_radius: int = 7          # 15x15 patches: less scale drift on KITTI than 11x11
     stereo_search_radius: int = 5         # pixels around the descriptor match
     triangulation_neighbours: int = 2
+    # Monocular: a neighbour whose baseline is below this fraction of the keyframe's median
+    # scene depth is skipped (ORB-SLAM's CreateNewMapPoints), and an older one is tried, up to
+    # ``triangulation_candidates``. Such pairs can only give points the parallax check keeps
+    # if they sit far too close: mismatches along the epipolar line, which then take over
+    # the pose and collapse the map's scale.
+    triangulation_min_baseline_depth_ratio: float = 0.01
+    triangulation_candidates: int = 6
     min_triangulation_parallax_deg: float = 1.0
     max_triangulation_error: float = 2.5  # pixels
     # Epipolar search has no position prior, so it asks for closer descriptors (None: 0.2 binary /
@@ -374,9 +381,9 @@ class Tracker:
     def _triangulate(self, keyframe: Keyframe) -> int:
         """New points from unmatched keypoints of ``keyframe`` and its recent neighbours."""
         added = 0
-        neighbours = self.map.recent_keyframes(self.config.triangulation_neighbours + 1)[:-1]
+        neighbours = self._triangulation_neighbours(keyframe)
         use_matcher = self.config.triangulation_matching == "matcher" and self.matcher is not None
-        for other in reversed(neighbours):
+        for other in neighbours:
             pairs = self._match(keyframe, other) if use_matcher else None
             idx_new, idx_old, xyz = triangulate_pair(keyframe, other, self.camera, self.config, pairs)
             if len(xyz) == 0:
@@ -386,6 +393,25 @@ class Tracker:
                 self.map.add_observation(int(point_id), other, int(index))
             added += len(ids)
         return added
+
+    def _triangulation_neighbours(self, keyframe: Keyframe) -> list[Keyframe]:
+        """The newest recent keyframes to triangulate with; monocular ones need enough baseline."""
+        cfg = self.config
+        if self.mode != "mono":
+            return self.map.recent_keyframes(cfg.triangulation_neighbours + 1)[:-1][::-1]
+        candidates = self.map.recent_keyframes(cfg.triangulation_candidates + 1)[:-1][::-1]
+        depth = self._median_depth(keyframe)
+        wide = [other for other in candidates
+                if np.linalg.norm(other.centre - keyframe.centre) >= cfg.triangulation_min_baseline_depth_ratio * depth]
+        return wide[:cfg.triangulation_neighbours]
+
+    def _median_depth(self, keyframe: Keyframe) -> float:
+        """Median depth of the map points ``keyframe`` sees (0 when it sees none)."""
+        ids = keyframe.point_ids[keyframe.point_ids != NO_POINT]
+        ids = ids[self.map.points.alive[ids]]
+        if len(ids) == 0:
+            return 0.0
+        return float(np.median(transform(keyframe.cam_from_world, self.map.points.xyz[ids])[:, 2]))
 
     def _cull_recent_points(self, keyframe: Keyframe) -> None:
         """Points born in the last keyframes must be re-found, or they were mismatches."""
