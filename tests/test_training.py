@@ -184,6 +184,21 @@ def test_export_turns_a_superglue_checkpoint_into_loadable_weights(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[key], value)
 
 
+def test_superglue_training_can_start_from_a_weights_file(tmp_path):
+    from vo.train import superglue
+    from vo.train.export import export_checkpoint
+    from vo.train.common import Checkpoint
+    trained = superglue.build_model(superglue.merge_conf({"layers": 1}))
+    with torch.no_grad():
+        trained.bin_score.fill_(4.25)
+    Checkpoint(tmp_path / "run").save(trained, torch.optim.Adam(trained.parameters()), 3)
+    path, _, _ = export_checkpoint(tmp_path / "run" / "last.pth", tmp_path / "sg.pth")
+    model = superglue.build_model(superglue.merge_conf({"init": str(path)}))   # depth from the file
+    assert len(model.gnn.layers) == 2 and model.training
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+
+
 def test_superpoint_pairs_take_the_warp_overrides():
     from vo.train.superpoint import make_pair
     image = (np.random.default_rng(0).random((60, 80)) * 255).astype(np.uint8)

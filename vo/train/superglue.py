@@ -60,7 +60,8 @@ default_conf = {
     "swap_probability": 0.5,  # the matcher must not depend on which image comes first
     "loss": {"balance": None},
     # "descriptor_prior": start as Sinkhorn on the raw descriptor similarity (see prior_init);
-    # "official": the released random init, which starts from chance.
+    # "official": the released random init, which starts from chance; a weights file: fine-tune
+    # it (e.g. the shipped matcher on the features of a newer SuperPoint).
     "init": "descriptor_prior",
     "prior_temperature": 0.05,  # the initial similarity cos / T feeds Sinkhorn...
     "prior_dustbin": 0.3,       # ...against a dustbin at this cosine (both picked on validation pairs)
@@ -147,7 +148,8 @@ def prior_init(model: SuperGlue, temperature: float, dustbin: float) -> SuperGlu
 
 
 def build_model(conf: dict) -> SuperGlue:
-    model = SuperGlue(weights=False, device="cpu", precision="fp32", **model_conf(conf)).train()
+    weights = conf["init"] if conf["init"] not in ("descriptor_prior", "official") else False
+    model = SuperGlue(weights=weights, device="cpu", precision="fp32", **model_conf(conf)).train()
     if conf["init"] == "descriptor_prior":
         prior_init(model, conf["prior_temperature"], conf["prior_dustbin"])
     return model
