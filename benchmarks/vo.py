@@ -35,6 +35,7 @@ from vo.datasets import open_source  # noqa: E402
 from vo.eval.metrics import evaluate  # noqa: E402
 from vo.eval.trajectory import Trajectory, associate  # noqa: E402
 from vo.pipeline import run  # noqa: E402
+from vo.config import parse_overrides, with_overrides  # noqa: E402
 from vo.tracker import TrackerConfig  # noqa: E402
 
 DATA = Path(os.environ.get("VO_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -165,10 +166,15 @@ def main(argv=None) -> int:
     parser.add_argument("--superglue-weights", default=None, help="default: the shipped weights")
     parser.add_argument("--triangulation", choices=("epipolar", "matcher"), default="epipolar",
                         help="how keyframes are paired for new points (TrackerConfig.triangulation_matching)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="TrackerConfig fields, e.g. triangulation_min_baseline_depth_ratio=0.02 ba.window=10")
     parser.add_argument("--seeds", type=int, default=1,
                         help="runs per row with RANSAC seeds 0..N-1 (PnP, mono initialisation): median ATE and its spread")
     args = parser.parse_args(argv)
-    config = TrackerConfig(triangulation_matching=args.triangulation)
+    try:
+        config = with_overrides(TrackerConfig(triangulation_matching=args.triangulation), parse_overrides(args.set))
+    except ValueError as e:
+        parser.error(str(e))
     weights = {"superpoint": args.superpoint_weights, "superglue": args.superglue_weights}
     results = []
     for row_name in args.rows:

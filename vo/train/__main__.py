@@ -10,23 +10,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from vo.config import parse_overrides
 from vo.datasets.real_images import DEFAULT_DATA
 from vo.train.common import UnknownOption
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """``key=value`` pairs; values are read as JSON when they parse, else kept as strings."""
-    conf = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        try:
-            conf[key] = json.loads(value)
-        except json.JSONDecodeError:
-            conf[key] = value
-    return conf
 
 
 def main(argv=None) -> int:
