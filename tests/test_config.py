@@ -9,11 +9,11 @@ from vo.tracker import TrackerConfig
 
 def test_overrides_reach_nested_fields_and_leave_the_original_alone():
     base = TrackerConfig()
-    config = with_overrides(base, parse_overrides(["triangulation_min_baseline_depth_ratio=0.02", "ba.window=10",
+    config = with_overrides(base, parse_overrides(["triangulation_min_baseline_depth_ratio=0.05", "ba.window=10",
                                                    "triangulation_matching=matcher"]))
-    assert config.triangulation_min_baseline_depth_ratio == 0.02 and config.ba.window == 10
+    assert config.triangulation_min_baseline_depth_ratio == 0.05 and config.ba.window == 10
     assert config.triangulation_matching == "matcher"
-    assert base.ba.window == TrackerConfig().ba.window and base.triangulation_min_baseline_depth_ratio == 0.01
+    assert base.ba.window == TrackerConfig().ba.window and base.triangulation_min_baseline_depth_ratio == TrackerConfig().triangulation_min_baseline_depth_ratio
 
 
 @pytest.mark.parametrize("key", ["triangulation_min_baseline_ratio", "ba.windw", "seed.x"])

@@ -219,7 +219,7 @@ def test_keypoints_with_a_map_point_are_not_triangulated_again():
 
 
 def test_monocular_triangulation_skips_neighbours_too_close_for_the_scene_depth():
-    # Points 3-5 m away (median ~4 m): ORB-SLAM's 1 % baseline-to-depth ratio asks for ~4 cm.
+    # Points 3-5 m away (median ~4 m): a 2 % baseline-to-depth ratio asks for ~8 cm.
     camera, (first, _), xyz = two_keyframes()
     tracker = Tracker(camera, "mono")
     keyframes = []

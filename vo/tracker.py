@@ -64,11 +64,12 @@ class TrackerConfig:
     stereo_search_radius: int = 5         # pixels around the descriptor match
     triangulation_neighbours: int = 2
     # Monocular: a neighbour whose baseline is below this fraction of the keyframe's median
-    # scene depth is skipped (ORB-SLAM's CreateNewMapPoints), and an older one is tried, up to
-    # ``triangulation_candidates``. Such pairs can only give points the parallax check keeps
-    # if they sit far too close: mismatches along the epipolar line, which then take over
-    # the pose and collapse the map's scale.
-    triangulation_min_baseline_depth_ratio: float = 0.01
+    # scene depth is skipped (ORB-SLAM's CreateNewMapPoints, which uses 0.01), and an older one
+    # is tried, up to ``triangulation_candidates``. Below ~tan(min parallax) even median-depth
+    # points fail the parallax check, so the ones that pass sit too close (mismatches, or depth
+    # noise after a poorly tracked frame) and then take over the pose and shrink the map's
+    # scale. 0.02 lost no TUM teddy seed of seven where 0.01 lost one (weights/README.md).
+    triangulation_min_baseline_depth_ratio: float = 0.02
     triangulation_candidates: int = 6
     min_triangulation_parallax_deg: float = 1.0
     max_triangulation_error: float = 2.5  # pixels
