@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import struct
 import zipfile
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: weight file not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, struct.error) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(f"{path}: not a readable torch weight file ({first})") from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):

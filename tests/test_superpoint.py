@@ -122,6 +122,7 @@ def test_slim_widths_load_through_the_same_loader(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     ("missing", "weight file not found"),
     ("truncated", "not a readable torch weight file"),
+    ("junk", "not a readable torch weight file"),    # a few bytes: the legacy reader's struct error
     ("foreign", "missing key 'conv1a.weight'"),
     ("shape", "key 'convDb.weight' has shape (128, 256, 1, 1), expected (256, 256, 1, 1)"),
     ("extra", "unexpected key 'extra.weight'"),
@@ -132,6 +133,8 @@ def test_bad_weight_files_get_one_line_errors(tmp_path, damage, message):
     if damage == "truncated":
         torch.save(state, path)
         path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "junk":
+        path.write_bytes(b"junk")
     elif damage == "foreign":
         torch.save({"bin_score": torch.tensor(1.0)}, path)
     elif damage == "shape":

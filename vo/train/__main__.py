@@ -79,8 +79,13 @@ def run_stage(args, conf: dict) -> int:
         init = None if args.init.lower() == "none" else args.init
         print(f"weights: {superpoint.train(args.labels, args.run, init, conf)}")
     elif args.stage == "superglue":
+        from models.weights import WeightsError
         from vo.train import superglue
-        print(f"weights: {superglue.train(args.features_from, args.run, args.data, conf)}")
+        try:
+            print(f"weights: {superglue.train(args.features_from, args.run, args.data, conf)}")
+        except WeightsError as e:   # a bad --features-from or init file: one line
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     elif args.stage == "export":
         from vo.train.export import export_checkpoint
         try:

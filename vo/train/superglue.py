@@ -314,12 +314,12 @@ def train(features_from: str | Path, run_dir: str | Path, data_root: str | Path,
     conf["precision"] = select_precision(torch.device("cpu"), conf["precision"])
     setup_cpu()
     run_dir, data_root = Path(run_dir), Path(data_root)
+    model = build_model(conf)   # first: a bad init file must not wait for the cache
     caches = load_caches(features_from, run_dir, data_root, conf)
     for name, cache in caches.items():
         counts = cache.label_counts()
         print(f"{name}: {counts['pairs']} pairs, per pair {counts['matched']:.0f} matches, "
               f"{counts['unmatched']:.0f} unmatched, {counts['ignored']:.0f} ignored keypoints")
-    model = build_model(conf)
     optimizer = torch.optim.Adam(model.parameters(), lr=conf["lr"])
     checkpoint, log = Checkpoint(run_dir), TrainLog(run_dir)
     try:
