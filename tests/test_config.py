@@ -13,7 +13,9 @@ def test_overrides_reach_nested_fields_and_leave_the_original_alone():
                                                    "triangulation_matching=matcher"]))
     assert config.triangulation_min_baseline_depth_ratio == 0.05 and config.ba.window == 10
     assert config.triangulation_matching == "matcher"
-    assert base.ba.window == TrackerConfig().ba.window and base.triangulation_min_baseline_depth_ratio == TrackerConfig().triangulation_min_baseline_depth_ratio
+    default = TrackerConfig()
+    assert base.ba.window == default.ba.window
+    assert base.triangulation_min_baseline_depth_ratio == default.triangulation_min_baseline_depth_ratio
 
 
 @pytest.mark.parametrize("key", ["triangulation_min_baseline_ratio", "ba.windw", "seed.x"])

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from vo.config import parse_overrides
+from models.weights import WeightsError
 from vo.datasets.real_images import DEFAULT_DATA
 from vo.train.common import UnknownOption
 
@@ -65,6 +66,9 @@ def main(argv=None) -> int:
     except UnknownOption as e:   # a mistyped --set key: one line, no traceback
         print(f"error: --set: {e.args[0]}", file=sys.stderr)
         return 2
+    except WeightsError as e:    # a missing or bad weights file (--init, --features-from, ...): one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def run_stage(args, conf: dict) -> int:
@@ -79,13 +83,8 @@ def run_stage(args, conf: dict) -> int:
         init = None if args.init.lower() == "none" else args.init
         print(f"weights: {superpoint.train(args.labels, args.run, init, conf)}")
     elif args.stage == "superglue":
-        from models.weights import WeightsError
         from vo.train import superglue
-        try:
-            print(f"weights: {superglue.train(args.features_from, args.run, args.data, conf)}")
-        except WeightsError as e:   # a bad --features-from or init file: one line
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        print(f"weights: {superglue.train(args.features_from, args.run, args.data, conf)}")
     elif args.stage == "export":
         from vo.train.export import export_checkpoint
         try:
@@ -95,11 +94,10 @@ def run_stage(args, conf: dict) -> int:
             return 2
         print(f"weights: {path} ({kind}, step {step})")
     elif args.stage == "superpointvo":
-        from models.weights import WeightsError
         from vo.train import superpointvo
         try:
             print(f"weights: {superpointvo.train(args.labels, args.run, args.init, conf)}")
-        except (WeightsError, FileNotFoundError) as e:   # no labels or no weights yet: one line
+        except FileNotFoundError as e:   # no labels yet: one line
             print(f"error: {e}", file=sys.stderr)
             return 2
     return 0
