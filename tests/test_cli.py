@@ -54,6 +54,8 @@ def test_shipped_superglue_initialises_the_monocular_sample(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["/no/such/folder"], "/no/such/folder: no such file or folder"),
     ([str(SAMPLE), "--features", "superpoint", "--weights", "/no/weights"], "/no/weights"),
+    ([str(SAMPLE), "--set", "ba.windw=3"], "--set: unknown option 'ba.windw'"),
+    ([str(SAMPLE), "--set", "ransac_max_error=big"], "--set: option 'ransac_max_error' takes a value like"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(args, message, capsys):
     assert cli.main(args + ["--no-viz"]) == 2

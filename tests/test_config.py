@@ -22,3 +22,15 @@ def test_overrides_reach_nested_fields_and_leave_the_original_alone():
 def test_unknown_options_are_named(key):
     with pytest.raises(ValueError, match=f"unknown option '{key}'"):
         with_overrides(TrackerConfig(), {key: 1})
+
+
+@pytest.mark.parametrize("key, value", [("ransac_max_error", "abc"), ("ba", 3), ("triangulation_matching", 2),
+                                        ("ba.window", 2.5)])
+def test_values_of_the_wrong_kind_are_named(key, value):
+    with pytest.raises(ValueError, match=f"option '{key}' (takes a value like|is a group)"):
+        with_overrides(TrackerConfig(), {key: value})
+
+
+def test_optional_fields_take_a_number_and_floats_take_whole_numbers():
+    config = with_overrides(TrackerConfig(), parse_overrides(["max_descriptor_distance=0.7", "ransac_max_error=2"]))
+    assert config.max_descriptor_distance == 0.7 and config.ransac_max_error == 2

@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-video", metavar="FILE.mp4", help="the tracks view, one video frame per input frame")
     p.add_argument("--plot", metavar="FILE.png", help="trajectory against ground truth, with the ATE")
     p.add_argument("--render-map", metavar="FILE.png", help="offscreen render of the map and trajectory")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="tracker options (vo/tracker.py: TrackerConfig), e.g. ransac_max_error=3 ba.window=10")
     return p.parse_args(argv)
 
 
@@ -219,10 +221,20 @@ def result_title(result, ate) -> str:
     return f"{result.mode} trajectory, {result.num_frames} frames{method}"
 
 
+def tracker_config(args):
+    """TrackerConfig from --triangulation and the --set overrides; a bad option is a UsageError."""
+    from vo.config import parse_overrides, with_overrides
+    from vo.tracker import TrackerConfig
+    try:
+        return with_overrides(TrackerConfig(triangulation_matching=args.triangulation), parse_overrides(args.set))
+    except ValueError as e:
+        raise UsageError(f"--set: {e}") from None
+
+
 def run(args) -> int:
     from vo.pipeline import run as run_pipeline
-    from vo.tracker import TrackerConfig
     from tqdm import tqdm
+    config = tracker_config(args)
     source, mode = open_input(args)
     frontend = build_frontend(args)
     total = source.frame_count(mode) if source.kind != "webcam" else None
@@ -238,8 +250,7 @@ def run(args) -> int:
 
     try:
         result = run_pipeline(source, mode, frontend.extractor, frontend.matcher,
-                              TrackerConfig(triangulation_matching=args.triangulation),
-                              on_frame=on_frame, max_frames=args.max_frames)
+                              config, on_frame=on_frame, max_frames=args.max_frames)
     finally:
         bar.close()
         views.close()

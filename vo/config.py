@@ -29,4 +29,24 @@ def _replace_path(config, path: list[str], value, key: str):
     head, rest = path[0], path[1:]
     if not is_dataclass(config) or head not in {f.name for f in fields(config)}:
         raise ValueError(f"unknown option {key!r}")
-    return replace(config, **{head: _replace_path(getattr(config, head), rest, value, key) if rest else value})
+    current = getattr(config, head)
+    if not rest:
+        check_type(key, current, value)
+    return replace(config, **{head: _replace_path(current, rest, value, key) if rest else value})
+
+
+def check_type(key: str, current, value) -> None:
+    """A value must be of the option's kind: a whole number for a count, any number for a float,
+    true/false for a flag."""
+    if isinstance(current, bool) or isinstance(value, bool):
+        ok = isinstance(current, bool) == isinstance(value, bool)
+    elif isinstance(current, int):
+        ok = isinstance(value, int)
+    elif isinstance(current, float):
+        ok = isinstance(value, (int, float))
+    else:
+        ok = current is None or isinstance(value, type(current))
+    if is_dataclass(current):
+        raise ValueError(f"option {key!r} is a group: set its fields as {key}.FIELD=VALUE")
+    if not ok:
+        raise ValueError(f"option {key!r} takes a value like {json.dumps(current)}, got {json.dumps(value)}")
