@@ -177,6 +177,7 @@ class Tracker:
         self.events: list[tuple[int, str]] = []
         self.last_pose = np.eye(4)           # cam_from_world of the last frame
         self.velocity = np.eye(4)            # last_from_previous, per frame
+        self.has_motion = False              # velocity measured (not the identity guess)
         self.reference: Keyframe | None = None
         self.local_point_ids = np.zeros(0, np.int64)
         self.init_reference: Observation | None = None
@@ -269,12 +270,17 @@ class Tracker:
 
     def _track_local_map(self, obs: Observation, prior: np.ndarray | None = None) -> bool:
         """Pose from the local map; on success updates pose, motion model and keyframes."""
+        if prior is None and not self.has_motion:
+            # No motion model yet (ORB-SLAM's TrackReferenceKeyFrame): a pose guessed as "not
+            # moved" lets fast motion pick few, wrong projection matches on the first frame.
+            prior = self._pose_from_keyframe(self.reference, obs)
         predicted = self.velocity @ self.last_pose if prior is None else prior
         result = self._localise(obs, predicted)
         if result is None:
             return False
         pose, keypoint_idx, point_idx, self.last_outliers = result
         self.velocity = pose @ invert(self.last_pose)
+        self.has_motion = True
         self.last_pose = pose
         self.last_tracked = (keypoint_idx, point_idx)
         if self._need_keyframe(obs, keypoint_idx, point_idx):
@@ -497,6 +503,7 @@ class Tracker:
         step = pycolmap.interpolate_camera_poses(pycolmap.Rigid3d(), pycolmap.Rigid3d(
             (second.cam_from_world @ invert(first.cam_from_world))[:3]), 1.0 / frames)
         self.velocity = np.vstack([step.matrix(), [0, 0, 0, 1]])
+        self.has_motion = True
         self.init_reference = None
         self._start_tracking(obs, second)
 
@@ -532,25 +539,34 @@ class Tracker:
 
     def _relocalise(self, obs: Observation) -> bool:
         for keyframe in reversed(self.map.recent_keyframes(self.config.reloc_keyframes)):
-            kf_idx, cur_idx = self._match(keyframe, obs)
-            has_point = keyframe.point_ids[kf_idx] != NO_POINT
-            kf_idx, cur_idx = kf_idx[has_point], cur_idx[has_point]
-            if len(kf_idx) < self.config.reloc_min_inliers:
-                continue
-            xyz = self.map.points.xyz[keyframe.point_ids[kf_idx]]
-            estimate = estimate_pose(obs.keypoints[cur_idx], xyz, self.colmap_camera, self.config.ransac_max_error,
-                                     self.config.seed)
-            if estimate is None or estimate[1].sum() < self.config.reloc_min_inliers:
+            pose = self._pose_from_keyframe(keyframe, obs, self.config.reloc_min_inliers)
+            if pose is None:
                 continue
             self.state = TrackerState.TRACKING
             self.reference = keyframe
-            self.last_pose = estimate[0]   # the coasting pose would corrupt the velocity
+            self.last_pose = pose   # the coasting pose would corrupt the velocity
             self._refresh_local_points()
-            if self._track_local_map(obs, prior=estimate[0]):
+            if self._track_local_map(obs, prior=pose):
                 self.lost_frames = 0
                 return True
             self.state = TrackerState.LOST
         return False
+
+    def _pose_from_keyframe(self, keyframe: Keyframe, obs: Observation, min_inliers: int | None = None):
+        """cam_from_world of ``obs`` by matching it to ``keyframe``'s map points (the matcher) and
+        RANSAC PnP; None with fewer than ``min_inliers`` (default ``config.min_inliers``)."""
+        min_inliers = min_inliers or self.config.min_inliers
+        kf_idx, cur_idx = self._match(keyframe, obs)
+        has_point = keyframe.point_ids[kf_idx] != NO_POINT
+        kf_idx, cur_idx = kf_idx[has_point], cur_idx[has_point]
+        if len(kf_idx) < min_inliers:
+            return None
+        xyz = self.map.points.xyz[keyframe.point_ids[kf_idx]]
+        estimate = estimate_pose(obs.keypoints[cur_idx], xyz, self.colmap_camera, self.config.ransac_max_error,
+                                 self.config.seed)
+        if estimate is None or estimate[1].sum() < min_inliers:
+            return None
+        return estimate[0]
 
     def _start_new_segment(self, obs: Observation) -> None:
         """Forget the map and initialise again; the new map starts at the chained pose."""
