@@ -16,6 +16,8 @@ sees exactly those features, in one run:
   * HPatches v_churchill (1 against 2..6, 640x480): homography accuracy at 1 / 3 / 5 px
     (mean corner error, RANSAC 3 px), as `vo.evaluate_features`.
 The matchers get all keypoints (no shared-view filtering): what a VO front end gets.
+One more row, for context, runs SIFT's own features (OpenCV, same keypoint budget) with
+MNN + Lowe's ratio on the same pairs: how hard the pairs are for a classical pipeline.
 Bad inputs print one line naming the file and exit with code 2.
 """
 from __future__ import annotations
@@ -303,6 +305,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args) -> str:
+    from models.classical import SIFT
     from models.superpoint import SuperPoint
     from models.weights import WeightsError, default_weights_or_none
     from vo.datasets.real_images import held_out_images
@@ -322,12 +325,16 @@ def run(args) -> str:
     homography = list(synthetic_pairs(held_out, args.pairs, args.seed, strong_conf)) if args.pairs else []
     scannet = read_scannet_pairs(args.data / "pairs" / "scannet")
     hpatches = list(hpatches_pairs(args.data.joinpath(*HPATCHES_SEQUENCE)))
-    total = len(matchers) * (len(homography) + len(scannet) + len(hpatches))
+    sift = SIFT(max_keypoints=args.max_keypoints)
+    sift_matcher = mutual_nn_matcher(args.ratio[0])
+    sift_matcher = Matcher(f"*SIFT features*, {sift_matcher.name}", sift_matcher.match)
+    total = (len(matchers) + 1) * (len(homography) + len(scannet) + len(hpatches))
     with tqdm(total=total, desc="evaluate matching", unit="pair", file=sys.stderr) as progress:
         results = evaluate(superpoint.extract, matchers, homography, scannet, hpatches, progress)
+        results.update(evaluate(sift.extract, [sift_matcher], homography, scannet, hpatches, progress))
     paper = "; ".join(f"{k} {a:.2f} / {b:.2f} / {c:.2f}" for k, (a, b, c) in PAPER_SCANNET_AUC.items())
     legend = (f"Features: SuperPoint ({superpoint.weights}), at most {args.max_keypoints} keypoints, shared by all "
-              f"matchers. P / R / matches: {len(homography)} held-out Kodak24 pairs at 480x640, random "
+              f"matchers (the SIFT row, for context, uses SIFT's own). P / R / matches: {len(homography)} held-out Kodak24 pairs at 480x640, random "
               f"'strong' homographies (seed {args.seed}) + photometric; a match is correct within 3 px. "
               f"AUC (%) and median pose error (max of the rotation and translation-direction angles): "
               f"{len(scannet)} ScanNet pairs at 640x480, essential matrix by RANSAC "
