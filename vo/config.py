@@ -38,6 +38,8 @@ def _replace_path(config, path: list[str], value, key: str):
 def check_type(key: str, current, value) -> None:
     """A value must be of the option's kind: a whole number for a count, any number for a float,
     true/false for a flag."""
+    if is_dataclass(current):
+        raise ValueError(f"option {key!r} is a group: set its fields as {key}.FIELD=VALUE")
     if isinstance(current, bool) or isinstance(value, bool):
         ok = isinstance(current, bool) == isinstance(value, bool)
     elif isinstance(current, int):
@@ -46,7 +48,5 @@ def check_type(key: str, current, value) -> None:
         ok = isinstance(value, (int, float))
     else:
         ok = current is None or isinstance(value, type(current))
-    if is_dataclass(current):
-        raise ValueError(f"option {key!r} is a group: set its fields as {key}.FIELD=VALUE")
     if not ok:
         raise ValueError(f"option {key!r} takes a value like {json.dumps(current)}, got {json.dumps(value)}")

@@ -334,7 +334,8 @@ def run(args) -> str:
         results.update(evaluate(sift.extract, [sift_matcher], homography, scannet, hpatches, progress))
     paper = "; ".join(f"{k} {a:.2f} / {b:.2f} / {c:.2f}" for k, (a, b, c) in PAPER_SCANNET_AUC.items())
     legend = (f"Features: SuperPoint ({superpoint.weights}), at most {args.max_keypoints} keypoints, shared by all "
-              f"matchers (the SIFT row, for context, uses SIFT's own). P / R / matches: {len(homography)} held-out Kodak24 pairs at 480x640, random "
+              f"matchers (the SIFT row, for context, uses SIFT's own). P / R / matches: {len(homography)} "
+              f"held-out Kodak24 pairs at 480x640, random "
               f"'strong' homographies (seed {args.seed}) + photometric; a match is correct within 3 px. "
               f"AUC (%) and median pose error (max of the rotation and translation-direction angles): "
               f"{len(scannet)} ScanNet pairs at 640x480, essential matrix by RANSAC "
