@@ -15,7 +15,8 @@ from vo.eval.trajectory import Trajectory
 from vo.map import NO_POINT, Keyframe, invert
 from vo.pipeline import run
 from vo.render import RenderConfig, RenderedSequence
-from vo.tracker import Tracker, TrackerConfig, TrackerState, initialise_two_view, project, triangulate_pair
+from vo.tracker import (Tracker, TrackerConfig, TrackerState, equiangular_vertex, initialise_two_view, project,
+                       refine_right_x, triangulate_pair)
 from vo.types import Camera
 
 # ATE bounds on a 2.7 m rendered trajectory (320x240, scene 2-4 m away); measured
@@ -295,3 +296,29 @@ def test_two_view_initialisation_recovers_the_motion_and_follows_the_seed():
     np.testing.assert_allclose(points[inliers] * scale, xyz[inliers], rtol=0.05, atol=0.05)
     again = initialise_two_view(xy0, xy1, camera, config)
     np.testing.assert_array_equal(again[0], rel)                             # same seed, same answer
+
+
+def test_equiangular_vertex_finds_the_corner_of_a_v():
+    # |x - 0.3| sampled at -1, 0, 1; a flat or off-centre minimum has no vertex
+    offsets = equiangular_vertex(np.array([1.3, 1.0, 1.0]), np.array([0.3, 0.0, 0.5]), np.array([0.7, 1.0, 0.5]))
+    np.testing.assert_allclose(offsets[:2], [0.3, 0.0])
+    assert np.isnan(offsets[2])
+
+
+@pytest.mark.parametrize("disparity", [10.0, 10.25, 10.5, 10.75, 20.3])
+def test_stereo_refinement_measures_sub_pixel_disparities_without_pulling_to_whole_pixels(disparity):
+    """A real KITTI image shifted by a known disparity: the SAD search recovers it within
+    0.05 px on average (the parabola fit it replaced was off by ~0.1 px at quarter pixels)."""
+    import cv2
+    left = cv2.imread(str(require_data("kitti", "sequences", "06", "image_0") / "000010.png"), cv2.IMREAD_GRAYSCALE)
+    height, width = left.shape
+    right = cv2.warpAffine(left, np.float32([[1, 0, -disparity], [0, 1, 0]]), (width, height), flags=cv2.INTER_CUBIC)
+    rng = np.random.default_rng(0)
+    xy = np.c_[rng.uniform(100, width - 100, 3000), rng.uniform(30, height - 30, 3000)]
+    gradient = np.abs(cv2.Sobel(left, cv2.CV_32F, 1, 0))[xy[:, 1].astype(int), xy[:, 0].astype(int)]
+    xy = xy[gradient > 40]                                   # textured enough to match
+    start = xy[:, 0] - np.round(disparity) + rng.integers(-2, 3, len(xy))   # a descriptor match's error
+    measured = xy[:, 0] - refine_right_x(left, right, xy, start.astype(float))
+    close = np.abs(measured - disparity) < 1
+    assert close.mean() > 0.9
+    assert abs(np.mean(measured[close]) - disparity) < 0.05
