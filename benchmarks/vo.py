@@ -35,7 +35,7 @@ from vo.datasets import open_source  # noqa: E402
 from vo.eval.metrics import evaluate  # noqa: E402
 from vo.eval.trajectory import Trajectory, associate  # noqa: E402
 from vo.pipeline import run  # noqa: E402
-from vo.config import parse_overrides, with_overrides  # noqa: E402
+from vo.cli import UsageError, tracker_config  # noqa: E402
 from vo.tracker import TrackerConfig  # noqa: E402
 
 DATA = Path(os.environ.get("VO_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -172,8 +172,8 @@ def main(argv=None) -> int:
                         help="runs per row with RANSAC seeds 0..N-1 (PnP, mono initialisation): median ATE and its spread")
     args = parser.parse_args(argv)
     try:
-        config = with_overrides(TrackerConfig(triangulation_matching=args.triangulation), parse_overrides(args.set))
-    except ValueError as e:
+        config = tracker_config(args)
+    except UsageError as e:
         parser.error(str(e))
     weights = {"superpoint": args.superpoint_weights, "superglue": args.superglue_weights}
     results = []

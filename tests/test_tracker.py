@@ -1,6 +1,7 @@
 """Tracker, backend and pipeline on rendered sequences with exact ground truth."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
@@ -309,7 +310,6 @@ def test_equiangular_vertex_finds_the_corner_of_a_v():
 def test_stereo_refinement_measures_sub_pixel_disparities_without_pulling_to_whole_pixels(disparity):
     """A real KITTI image shifted by a known disparity: the SAD search recovers it within
     0.05 px on average (the parabola fit it replaced was off by ~0.1 px at quarter pixels)."""
-    import cv2
     left = cv2.imread(str(require_data("kitti", "sequences", "06", "image_0") / "000010.png"), cv2.IMREAD_GRAYSCALE)
     height, width = left.shape
     right = cv2.warpAffine(left, np.float32([[1, 0, -disparity], [0, 1, 0]]), (width, height), flags=cv2.INTER_CUBIC)

@@ -326,8 +326,7 @@ def run(args) -> str:
     scannet = read_scannet_pairs(args.data / "pairs" / "scannet")
     hpatches = list(hpatches_pairs(args.data.joinpath(*HPATCHES_SEQUENCE)))
     sift = SIFT(max_keypoints=args.max_keypoints)
-    sift_matcher = mutual_nn_matcher(args.ratio[0])
-    sift_matcher = Matcher(f"*SIFT features*, {sift_matcher.name}", sift_matcher.match)
+    sift_matcher = Matcher(f"*SIFT features*, MNN + ratio {args.ratio[0]:g}", mutual_nn_matcher(args.ratio[0]).match)
     total = (len(matchers) + 1) * (len(homography) + len(scannet) + len(hpatches))
     with tqdm(total=total, desc="evaluate matching", unit="pair", file=sys.stderr) as progress:
         results = evaluate(superpoint.extract, matchers, homography, scannet, hpatches, progress)

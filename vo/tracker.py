@@ -273,7 +273,7 @@ class Tracker:
         if prior is None and not self.has_motion:
             # No motion model yet (ORB-SLAM's TrackReferenceKeyFrame): a pose guessed as "not
             # moved" lets fast motion pick few, wrong projection matches on the first frame.
-            prior = self._pose_from_keyframe(self.reference, obs)
+            prior = self._pose_from_keyframe(self.reference, obs, self.config.min_inliers)
         predicted = self.velocity @ self.last_pose if prior is None else prior
         result = self._localise(obs, predicted)
         if result is None:
@@ -552,10 +552,9 @@ class Tracker:
             self.state = TrackerState.LOST
         return False
 
-    def _pose_from_keyframe(self, keyframe: Keyframe, obs: Observation, min_inliers: int | None = None):
+    def _pose_from_keyframe(self, keyframe: Keyframe, obs: Observation, min_inliers: int):
         """cam_from_world of ``obs`` by matching it to ``keyframe``'s map points (the matcher) and
-        RANSAC PnP; None with fewer than ``min_inliers`` (default ``config.min_inliers``)."""
-        min_inliers = min_inliers or self.config.min_inliers
+        RANSAC PnP; None with fewer than ``min_inliers``."""
         kf_idx, cur_idx = self._match(keyframe, obs)
         has_point = keyframe.point_ids[kf_idx] != NO_POINT
         kf_idx, cur_idx = kf_idx[has_point], cur_idx[has_point]

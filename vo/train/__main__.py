@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vo.config import parse_overrides
 from models.weights import WeightsError
+from vo.config import parse_overrides
 from vo.datasets.real_images import DEFAULT_DATA
 from vo.train.common import UnknownOption
 
