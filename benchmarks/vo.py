@@ -4,6 +4,7 @@
     python benchmarks/vo.py --rows kitti-stereo tum-rgbd --frontends orb+mnn
     python benchmarks/vo.py --json results.json
     python benchmarks/vo.py --rows kitti-mono --seeds 5   # median ATE and its spread over 5 RANSAC seeds
+    python benchmarks/vo.py --rows kitti-mono --starts 9  # ... over starts at frames 0..8 (other initialisations)
 
 ATE is the RMSE of positions after SE(3) alignment (Sim(3) for monocular runs), on the
 frames that have ground truth (TUM: nearest stamp within 20 ms). FPS is end to end:
@@ -31,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from models import build_extractor, build_matcher  # noqa: E402
 from models.weights import WeightsError  # noqa: E402
-from vo.datasets import open_source  # noqa: E402
+from vo.datasets import StartAt, open_source  # noqa: E402
 from vo.eval.metrics import evaluate  # noqa: E402
 from vo.eval.trajectory import Trajectory, associate  # noqa: E402
 from vo.pipeline import run  # noqa: E402
@@ -80,10 +81,11 @@ def ate_of(result, source, mode: str) -> float:
 
 
 def run_row(row: Row, frontend: str, max_frames: int | None, weights: dict | None = None,
-            config: TrackerConfig | None = None, seeds: int = 1) -> dict:
+            config: TrackerConfig | None = None, seeds: int = 1, starts: int = 1) -> dict:
     """One row with one frontend; with ``seeds`` > 1 it runs once per RANSAC seed
     (``TrackerConfig.seed`` 0, 1, ...: the PnP and, in mono, the two-view
-    initialisation RANSAC) and reports the median ATE and all of them (``ate_runs``)."""
+    initialisation RANSAC), with ``starts`` > 1 once per first frame 0, 1, ... (each seed);
+    it reports the median ATE and all of them (``ate_runs``). A run's ATE covers its own frames."""
     out = {"row": f"{row.name} {row.mode}", "frontend": frontend, "target_ate": row.target_ate}
     try:
         extractor, matcher = build_frontend(frontend, weights)
@@ -92,10 +94,11 @@ def run_row(row: Row, frontend: str, max_frames: int | None, weights: dict | Non
     source = open_source(str(DATA / row.path))
     config = config or TrackerConfig()
     runs = []
-    for seed in range(seeds):
-        result = run(source, row.mode, extractor, matcher, replace(config, seed=config.seed + seed),
-                     max_frames=max_frames)
-        runs.append((ate_of(result, source, row.mode), result))
+    for start in range(starts):
+        for seed in range(seeds):
+            result = run(StartAt(source, start) if start else source, row.mode, extractor, matcher,
+                         replace(config, seed=config.seed + seed), max_frames=max_frames)
+            runs.append((ate_of(result, source, row.mode), result))
     ate, result = sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]   # the median run
     return {**out, "ate": ate, "ate_runs": [a for a, _ in runs], "start_frames": [first_start(r) for _, r in runs],
             "fps": result.fps, "frames": result.num_frames,
@@ -124,13 +127,13 @@ def format_table(results: list[dict]) -> str:
 
 
 def spread_text(r: dict) -> str:
-    """Over several seeds: the ATE range, and each seed's ATE with its start frame (the
-    monocular start is where seeds part ways)."""
+    """Over several runs (seeds, starts): the ATE range, and each run's ATE with the frame at
+    which it initialised (the monocular start is where runs part ways)."""
     ate_runs = r.get("ate_runs", [])
     if len(ate_runs) < 2:
         return ""
-    per_seed = ", ".join(f"{ate_text(a)} @{f}" for a, f in zip(ate_runs, r.get("start_frames", [])))
-    return f"  ATE over {len(ate_runs)} seeds {ate_text(min(ate_runs))} - {ate_text(max(ate_runs))} [{per_seed}]"
+    per_run = ", ".join(f"{ate_text(a)} @{f}" for a, f in zip(ate_runs, r.get("start_frames", [])))
+    return f"  ATE over {len(ate_runs)} runs {ate_text(min(ate_runs))} - {ate_text(max(ate_runs))} [{per_run}]"
 
 
 def verdict(r: dict) -> str:
@@ -170,6 +173,8 @@ def main(argv=None) -> int:
                         help="TrackerConfig fields, e.g. triangulation_min_baseline_depth_ratio=0.02 ba.window=10")
     parser.add_argument("--seeds", type=int, default=1,
                         help="runs per row with RANSAC seeds 0..N-1 (PnP, mono initialisation): median ATE and its spread")
+    parser.add_argument("--starts", type=int, default=1,
+                        help="runs per row (and seed) starting at frames 0..N-1: other initialisations, same spread")
     args = parser.parse_args(argv)
     try:
         config = tracker_config(args)
@@ -179,7 +184,8 @@ def main(argv=None) -> int:
     results = []
     for row_name in args.rows:
         for frontend in args.frontends:
-            results.append(run_row(ROWS[row_name], frontend, args.max_frames, weights, config, args.seeds))
+            results.append(run_row(ROWS[row_name], frontend, args.max_frames, weights, config, args.seeds,
+                                   args.starts))
             print(format_table(results[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(results))

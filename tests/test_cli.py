@@ -51,8 +51,19 @@ def test_shipped_superglue_initialises_the_monocular_sample(tmp_path, capsys):
     assert ate_cm < 5.0            # Sim(3)-aligned, 55 real frames: measured 3.19 cm (mutual NN 1.25 cm)
 
 
+def test_a_run_can_start_at_a_later_frame(tmp_path, capsys):
+    out = tmp_path / "traj.txt"
+    assert cli.main([str(SAMPLE), "--no-viz", "--features", "orb", "--start-frame", "40", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert float(text.split("ATE          rmse ")[1].split(" cm")[0]) < 2.0   # RGB-D on the last 15 frames
+    from vo.datasets import open_source
+    stamps = [frame.stamp for frame in open_source(str(SAMPLE)).frames()][40:]
+    np.testing.assert_allclose(read_tum(out).stamps, stamps)               # one pose per frame from 40 on
+
+
 @pytest.mark.parametrize("args, message", [
     (["/no/such/folder"], "/no/such/folder: no such file or folder"),
+    ([str(SAMPLE), "--start-frame", "55"], "--start-frame 55 is outside its 55 frames"),
     ([str(SAMPLE), "--features", "superpoint", "--weights", "/no/weights"], "/no/weights"),
     ([str(SAMPLE), "--set", "ba.windw=3"], "--set: unknown option 'ba.windw'"),
     ([str(SAMPLE), "--set", "ransac_max_error=big"], "--set: option 'ransac_max_error' takes a value like"),

@@ -11,7 +11,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from tests.conftest import require_data
-from vo.datasets import SourceError, SourceWarning, detect_kind, open_source
+from vo.datasets import SourceError, SourceWarning, StartAt, detect_kind, open_source
 from vo.datasets.calib import load_calibration
 from vo.eval.trajectory import read_kitti
 
@@ -48,6 +48,18 @@ def test_kitti_sequence_06():
     assert len(stamps) == 51 and stamps[1] == pytest.approx(0.1044989)
     np.testing.assert_array_equal(poses, read_kitti(root.parent.parent / "poses" / "06.txt").poses[:51])
 
+
+
+def test_start_at_a_later_frame_keeps_indices_stamps_and_ground_truth():
+    source = open_source(str(require_data(*KITTI_06)))
+    later = StartAt(source, 48)
+    frames = list(later.frames("mono"))
+    assert [f.index for f in frames] == [48, 49, 50] and len(later) == 3
+    assert frames[0].stamp == pytest.approx(source.ground_truth[0][48])
+    first = require_data(*KITTI_06) / "image_0" / "000048.png"
+    np.testing.assert_array_equal(frames[0].image, cv2.imread(str(first), cv2.IMREAD_GRAYSCALE))
+    assert later.ground_truth is source.ground_truth and later.camera is source.camera
+    assert (later.kind, later.modes) == (source.kind, source.modes)
 
 def kitti_copy(tmp_path: Path, count: int = 3) -> Path:
     source = require_data(*KITTI_06)

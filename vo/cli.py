@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calib", metavar="FILE", help="calibration YAML (fx, fy, cx, cy, distortion, baseline)")
     p.add_argument("--out", metavar="FILE", help="trajectory file (default: outputs/<sequence>_<mode>.txt)")
     p.add_argument("--format", choices=("tum", "kitti", "euroc"), default="tum")
+    p.add_argument("--start-frame", type=int, default=0, metavar="N",
+                   help="skip the frames before N (pySLAM's start_frame_id); the map starts there")
     p.add_argument("--max-frames", type=int, metavar="N")
     p.add_argument("--max-keypoints", type=int, default=1024)
     p.add_argument("--threads", type=int, metavar="N",
@@ -121,9 +123,14 @@ def build_frontend(args) -> Frontend:
 
 
 def open_input(args):
-    from vo.datasets import open_source
+    from vo.datasets import StartAt, open_source
     spec = str(args.webcam) if args.webcam is not None else args.source or str(BUNDLED_SAMPLE)
     source = open_source(spec, calib=args.calib, mode=args.mode)
+    if args.start_frame:
+        count = source.frame_count(source.mode)
+        if args.start_frame < 0 or (count is not None and args.start_frame >= count):
+            raise UsageError(f"{spec}: --start-frame {args.start_frame} is outside its {count} frames")
+        source = StartAt(source, args.start_frame)
     return source, args.mode or source.modes[0]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vo.datasets.base import IMAGE_EXTENSIONS, Source, SourceError, SourceWarning
+from vo.datasets.base import IMAGE_EXTENSIONS, Source, SourceError, SourceWarning, StartAt
 from vo.datasets.euroc import EurocSource
 from vo.datasets.folder import FolderSource
 from vo.datasets.kitti import KittiSource
@@ -23,7 +23,7 @@ from vo.datasets.video import VideoSource
 KINDS = ("kitti", "tum", "euroc", "folder", "video", "webcam")
 
 __all__ = ["open_source", "detect_kind", "Source", "SourceError", "SourceWarning", "KINDS",
-           "KittiSource", "TumSource", "EurocSource", "FolderSource", "VideoSource"]
+           "KittiSource", "TumSource", "EurocSource", "FolderSource", "VideoSource", "StartAt"]
 
 
 def detect_kind(spec: str) -> str:

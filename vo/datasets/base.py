@@ -199,3 +199,19 @@ class Source:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class StartAt(Source):
+    """``source`` from its frame ``first`` on (pySLAM's start_frame_id): the same sequence
+    with another start, so another initialisation."""
+
+    def __init__(self, source: Source, first: int):
+        super().__init__(source.name, source.camera, source.modes, source.ground_truth)
+        self.kind, self.mode, self.source, self.first = source.kind, source.mode, source, first
+
+    def frame_count(self, mode: str | None = None) -> int | None:
+        count = self.source.frame_count(mode)
+        return None if count is None else max(count - self.first, 0)
+
+    def _frames(self, mode: str) -> Iterator[Frame]:
+        return (frame for frame in self.source.frames(mode) if frame.index >= self.first)
