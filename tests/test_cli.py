@@ -7,6 +7,7 @@ import pytest
 
 from tests.conftest import ROOT
 from vo import cli
+from vo.datasets import open_source
 from vo.eval.trajectory import read_tum
 
 SAMPLE = ROOT / "sequences" / "rgbd_dataset_freiburg3_teddy_sample"
@@ -56,7 +57,6 @@ def test_a_run_can_start_at_a_later_frame(tmp_path, capsys):
     assert cli.main([str(SAMPLE), "--no-viz", "--features", "orb", "--start-frame", "40", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert float(text.split("ATE          rmse ")[1].split(" cm")[0]) < 2.0   # RGB-D on the last 15 frames
-    from vo.datasets import open_source
     stamps = [frame.stamp for frame in open_source(str(SAMPLE)).frames()][40:]
     np.testing.assert_allclose(read_tum(out).stamps, stamps)               # one pose per frame from 40 on
 
@@ -64,6 +64,7 @@ def test_a_run_can_start_at_a_later_frame(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["/no/such/folder"], "/no/such/folder: no such file or folder"),
     ([str(SAMPLE), "--start-frame", "55"], "--start-frame 55 is outside its 55 frames"),
+    ([str(SAMPLE), "--start-frame", "-1"], "--start-frame -1: a frame index is 0 or more"),
     ([str(SAMPLE), "--features", "superpoint", "--weights", "/no/weights"], "/no/weights"),
     ([str(SAMPLE), "--set", "ba.windw=3"], "--set: unknown option 'ba.windw'"),
     ([str(SAMPLE), "--set", "ransac_max_error=big"], "--set: option 'ransac_max_error' takes a value like"),

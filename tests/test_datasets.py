@@ -49,7 +49,6 @@ def test_kitti_sequence_06():
     np.testing.assert_array_equal(poses, read_kitti(root.parent.parent / "poses" / "06.txt").poses[:51])
 
 
-
 def test_start_at_a_later_frame_keeps_indices_stamps_and_ground_truth():
     source = open_source(str(require_data(*KITTI_06)))
     later = StartAt(source, 48)
@@ -60,6 +59,7 @@ def test_start_at_a_later_frame_keeps_indices_stamps_and_ground_truth():
     np.testing.assert_array_equal(frames[0].image, cv2.imread(str(first), cv2.IMREAD_GRAYSCALE))
     assert later.ground_truth is source.ground_truth and later.camera is source.camera
     assert (later.kind, later.modes) == (source.kind, source.modes)
+
 
 def kitti_copy(tmp_path: Path, count: int = 3) -> Path:
     source = require_data(*KITTI_06)
