@@ -96,7 +96,7 @@ def run_row(row: Row, frontend: str, max_frames: int | None, weights: dict | Non
     runs = []
     for start in range(starts):
         for seed in range(seeds):
-            result = run(StartAt(source, start) if start else source, row.mode, extractor, matcher,
+            result = run(StartAt(source, start), row.mode, extractor, matcher,
                          replace(config, seed=config.seed + seed), max_frames=max_frames)
             runs.append((ate_of(result, source, row.mode), result))
     ate, result = sorted(runs, key=lambda r: r[0])[(len(runs) - 1) // 2]   # the median run

@@ -124,10 +124,10 @@ def build_frontend(args) -> Frontend:
 
 def open_input(args):
     from vo.datasets import StartAt, open_source
-    spec = str(args.webcam) if args.webcam is not None else args.source or str(BUNDLED_SAMPLE)
-    source = open_source(spec, calib=args.calib, mode=args.mode)
     if args.start_frame < 0:
         raise UsageError(f"--start-frame {args.start_frame}: a frame index is 0 or more")
+    spec = str(args.webcam) if args.webcam is not None else args.source or str(BUNDLED_SAMPLE)
+    source = open_source(spec, calib=args.calib, mode=args.mode)
     if args.start_frame:
         count = source.frame_count(source.mode)
         if count is not None and args.start_frame >= count:
