@@ -208,3 +208,48 @@ def test_superpoint_pairs_take_the_warp_overrides():
     H_default = make_pair(image, kpts, np.random.default_rng(1))[4]
     np.testing.assert_allclose(H_still / H_still[2, 2], np.eye(3), atol=1e-6)
     assert np.abs(H_default / H_default[2, 2] - np.eye(3)).max() > 0.01
+
+
+def test_sub_pixel_labels_keep_their_position_and_their_mass():
+    from models.superpoint import refine_subpixel
+    from vo.datasets.synthetic_shapes import soft_keypoint_map
+    kpts = np.array([[10.3, 20.8], [7.5, 7.6], [100.2, 50.4]])   # the second sits on a cell corner
+    mass = soft_keypoint_map(kpts, (64, 128), sigma=0.5)
+    assert mass.sum() == pytest.approx(3.0, abs=1e-5)
+    # the detector's log-parabola step reads the sub-pixel position back from a label-shaped peak
+    peaks = torch.tensor([[10.0, 21.0], [100.0, 50.0]])
+    refined = refine_subpixel(torch.from_numpy(mass), peaks)
+    np.testing.assert_allclose(refined.numpy(), kpts[[0, 2]], atol=1e-4)
+    targets = losses.soft_cell_targets(torch.from_numpy(mass)[None])
+    torch.testing.assert_close(targets.sum(1), torch.ones(1, 8, 16))
+    # the corner point's mass is shared by four cells, each giving the rest to its dustbin
+    corner_cells = targets[0, 64, :2, :2]
+    assert (corner_cells > 0.3).all() and (corner_cells < 0.9).all()
+    assert (targets[0, 64, 4:, :10] == 1).all()                       # empty cells: all dustbin
+
+
+def test_soft_detector_loss_is_least_at_the_labels_and_one_hot_for_a_sharp_label():
+    from vo.datasets.synthetic_shapes import keypoint_map, soft_keypoint_map
+    kpts = np.array([[21.0, 13.0]])
+    sharp = losses.soft_cell_targets(torch.from_numpy(soft_keypoint_map(kpts, (16, 24), sigma=0.05))[None])
+    one_hot = losses.keypoint_map_to_cell_labels(torch.from_numpy(keypoint_map(kpts, (16, 24)))[None])
+    torch.testing.assert_close(sharp.argmax(1), one_hot)
+    soft = losses.soft_cell_targets(torch.from_numpy(soft_keypoint_map(kpts + 0.3, (16, 24), sigma=0.5))[None])
+    at_labels = soft.clamp_min(1e-12).log()                           # logits whose softmax is the target
+    entropy = -(soft * at_labels).sum(1).mean()
+    assert losses.detector_loss(at_labels, soft) == pytest.approx(float(entropy), abs=1e-5)
+    assert losses.detector_loss(at_labels + 0.5 * torch.randn(at_labels.shape), soft) > entropy
+
+
+def test_adapted_labels_are_sub_pixel_only_when_asked():
+    from vo.train import adapt
+    ys, xs = np.mgrid[0:40, 0:60]
+    heatmap = np.exp(-((xs - 30.3) ** 2 + (ys - 12.6) ** 2) / 2.0).astype(np.float32) * 0.5
+    conf = {**adapt.default_conf, "threshold": 0.1}
+    np.testing.assert_array_equal(adapt.heatmap_to_keypoints(heatmap, conf), [[30.0, 13.0]])
+    refined = adapt.heatmap_to_keypoints(heatmap, {**conf, "subpixel": True})
+    np.testing.assert_allclose(refined, [[30.3, 12.6]], atol=1e-3)
+    from vo.train.superpoint import make_pair
+    image = np.zeros((40, 64), np.uint8)
+    maps = make_pair(image, refined, np.random.default_rng(0), sigma=0.5)[2:4]
+    assert maps[0].dtype == np.float32 and maps[0].sum() == pytest.approx(1.0, abs=1e-5)

@@ -526,6 +526,29 @@ def keypoint_map(keypoints: np.ndarray, hw) -> np.ndarray:
     return label
 
 
+def soft_keypoint_map(keypoints: np.ndarray, hw, sigma: float) -> np.ndarray:
+    """float32 HxW map: each keypoint (x, y) inside the image spreads a mass of 1 over the 3x3
+    pixels around its nearest one, as a Gaussian of ``sigma`` px centred on its sub-pixel position.
+
+    A detector trained on these learns where within a pixel the point lies (a one-hot label can
+    only say which pixel), and the log-parabola fit at inference reads it back exactly.
+    """
+    h, w = hw
+    label = np.zeros((h, w), np.float32)
+    xy = np.asarray(keypoints, np.float64).reshape(-1, 2)
+    nearest = np.round(xy).astype(int)
+    inside = (nearest[:, 0] >= 0) & (nearest[:, 0] < w) & (nearest[:, 1] >= 0) & (nearest[:, 1] < h)
+    xy, nearest = xy[inside], nearest[inside]
+    offsets = np.stack(np.meshgrid([-1, 0, 1], [-1, 0, 1]), -1).reshape(-1, 2)     # (9,2) dx, dy
+    pixels = nearest[:, None] + offsets[None]                                        # (N,9,2)
+    weights = np.exp(-((pixels - xy[:, None]) ** 2).sum(-1) / (2 * sigma ** 2))
+    ok = (pixels[..., 0] >= 0) & (pixels[..., 0] < w) & (pixels[..., 1] >= 0) & (pixels[..., 1] < h)
+    weights = np.where(ok, weights, 0.0)
+    weights /= weights.sum(1, keepdims=True)
+    np.add.at(label, (pixels[ok][:, 1], pixels[ok][:, 0]), weights[ok].astype(np.float32))
+    return label
+
+
 def _merge_conf(conf) -> dict:
     conf = {**default_conf, **(conf or {})}
     conf["photometric"] = {**default_conf["photometric"], **conf.get("photometric", {})}

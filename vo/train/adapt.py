@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from models.runtime import autocast, select_precision
-from models.superpoint import build_net, logits_to_heatmap, select_keypoints, simple_nms
+from models.superpoint import build_net, logits_to_heatmap, refine_subpixel, select_keypoints, simple_nms
 from vo.datasets.real_images import load_gray, training_images
 from vo.geometry.homography import homographic_adaptation_conf, sample_homography, warp_image
 from vo.train.common import merge_conf, setup_cpu
@@ -32,6 +32,10 @@ default_conf = {
     "nms_radius": 4,
     "threshold": 0.015,
     "max_keypoints": 600,
+    # Refine each label to the vertex of a log-parabola on the averaged heatmap (the detector's own
+    # sub-pixel step). The average over warps dithers the pixel grid, so its peak says where in
+    # the pixel the point lies; stage 4 uses that with label_sigma. False: integer labels (paper).
+    "subpixel": False,
     "precision": None,    # None: bf16 where the CPU has bf16 units (heatmaps averaged in fp32), else fp32
     "seed": 0,
     "max_images": None,   # a prefix of the image list, for quick runs
@@ -71,6 +75,8 @@ def adapted_heatmap(net, image: np.ndarray, homographies: np.ndarray, batch_size
 def heatmap_to_keypoints(heatmap: np.ndarray, conf: dict) -> np.ndarray:
     heat = simple_nms(torch.from_numpy(heatmap)[None], conf["nms_radius"])[0]
     kpts, _ = select_keypoints(heat, conf["threshold"], border=4, max_keypoints=conf["max_keypoints"])
+    if conf.get("subpixel"):
+        kpts = refine_subpixel(torch.from_numpy(heatmap), kpts)
     return kpts.numpy().astype(np.float32)
 
 

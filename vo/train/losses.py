@@ -30,10 +30,25 @@ def keypoint_map_to_cell_labels(kp_map: torch.Tensor, cell: int = 8,
     return torch.cat([scored, dustbin], dim=1).argmax(dim=1)
 
 
+def soft_cell_targets(mass_map: torch.Tensor, cell: int = 8) -> torch.Tensor:
+    """(B,H,W) keypoint mass per pixel (``soft_keypoint_map``) -> (B,65,Hc,Wc) class probabilities.
+
+    Each cell's pixels keep their mass and the dustbin takes what is left; a cell holding more
+    than one keypoint's mass is scaled to 1 with an empty dustbin: the expectation of the
+    paper's rule, which keeps one of them at random.
+    """
+    masses = F.pixel_unshuffle(mass_map[:, None].float(), cell)           # (B,64,Hc,Wc)
+    total = masses.sum(dim=1, keepdim=True)
+    masses = masses / total.clamp(min=1.0)
+    return torch.cat([masses, (1.0 - total).clamp(min=0.0)], dim=1)
+
+
 def detector_loss(logits: torch.Tensor, labels: torch.Tensor,
                   valid_mask: torch.Tensor | None = None, cell: int = 8,
                   label_weights: torch.Tensor | None = None) -> torch.Tensor:
     """65-way cross-entropy per cell, averaged over valid cells.
+
+    ``labels``: (B,Hc,Wc) classes, or (B,65,Hc,Wc) class probabilities (``soft_cell_targets``).
 
     ``valid_mask`` (B,H,W): a cell counts only when all its pixels are valid (inside a warp).
     ``label_weights`` (B,Hc,Wc): optional per-cell weights (0 = ignore), used by SuperPointVO.

@@ -15,7 +15,7 @@ import torch
 from models.superpoint import SuperPointNet, build_net, channels_from_state_dict
 from models.runtime import autocast, select_precision
 from vo.datasets.real_images import DEFAULT_DATA, load_gray
-from vo.datasets.synthetic_shapes import keypoint_map, photometric_augment
+from vo.datasets.synthetic_shapes import keypoint_map, photometric_augment, soft_keypoint_map
 from vo.geometry.homography import filter_inside, pair_conf, sample_homography, warp_image, warp_points
 from vo.train import losses
 from vo.train.common import Checkpoint, fit, merge_conf, read_checkpoint_model, setup_cpu, step_rng
@@ -36,6 +36,10 @@ default_conf = {
     # only). Adding stronger zoom and perspective, e.g. vo.evaluate_features' strong_conf
     # without the lost content, trains for the scale changes of forward motion and HPatches.
     "warps": [{}],
+    # None: the paper's one-hot labels (the nearest pixel). A number: Gaussian labels of this
+    # sigma (px) around the sub-pixel positions (``soft_keypoint_map``), for labels that carry
+    # them (``vo.train adapt --set subpixel=true``) and for the warped image's exact positions.
+    "label_sigma": None,
     "loss": losses.default_conf,
 }
 
@@ -56,22 +60,30 @@ class LabelledImages:
         return self.images[i], self.keypoints[self.offsets[i]:self.offsets[i + 1]]
 
 
-def make_pair(image: np.ndarray, keypoints: np.ndarray, rng: np.random.Generator, warp: dict | None = None):
+def labels_map(keypoints: np.ndarray, hw, sigma: float | None) -> np.ndarray:
+    """The paper's one-hot keypoint map (``sigma`` None) or Gaussian sub-pixel masses."""
+    return keypoint_map(keypoints, hw) if sigma is None else soft_keypoint_map(keypoints, hw, sigma)
+
+
+def make_pair(image: np.ndarray, keypoints: np.ndarray, rng: np.random.Generator, warp: dict | None = None,
+              sigma: float | None = None):
     """An image, its random warp (``pair_conf`` updated by ``warp``), the keypoint maps of both
-    and the homography (0 -> 1)."""
+    (``labels_map``) and the homography (0 -> 1)."""
     hw = image.shape
     H = sample_homography(hw, rng, **{**pair_conf, **(warp or {})})
     warped = warp_image(image, H)
     warped_kpts = filter_inside(warp_points(H, keypoints), hw)
     image0 = photometric_augment(rng, image)
     image1 = photometric_augment(rng, warped)
-    return image0, image1, keypoint_map(keypoints, hw), keypoint_map(warped_kpts, hw), H
+    return image0, image1, labels_map(keypoints, hw, sigma), labels_map(warped_kpts, hw, sigma), H
 
 
-def make_batch(dataset: LabelledImages, rng: np.random.Generator, batch_size: int, warps=({},)):
+def make_batch(dataset: LabelledImages, rng: np.random.Generator, batch_size: int, warps=({},),
+               sigma: float | None = None):
     """(2B,1,H,W) images (all first images, then all warps), (2B,H,W) keypoint maps, (B,3,3) H."""
     # One warp draws no number, so runs without a mix keep their random streams (and resumes).
-    pairs = [make_pair(*dataset[int(i)], rng, warps[int(rng.integers(len(warps)))] if len(warps) > 1 else warps[0])
+    pairs = [make_pair(*dataset[int(i)], rng, warps[int(rng.integers(len(warps)))] if len(warps) > 1 else warps[0],
+                       sigma)
              for i in rng.integers(0, len(dataset), batch_size)]
     images = np.stack([p[0] for p in pairs] + [p[1] for p in pairs])
     kp_maps = np.stack([p[2] for p in pairs] + [p[3] for p in pairs])
@@ -91,7 +103,10 @@ def pair_loss(net, images, kp_maps, homographies, step: int, conf: dict) -> dict
     """Total loss and its parts for one batch of pairs."""
     logits, desc = forward(net, images, conf.get("precision"))
     b = len(homographies)
-    labels = losses.keypoint_map_to_cell_labels(kp_maps, generator=torch.Generator().manual_seed(step))
+    if kp_maps.is_floating_point():   # sub-pixel masses
+        labels = losses.soft_cell_targets(kp_maps)
+    else:
+        labels = losses.keypoint_map_to_cell_labels(kp_maps, generator=torch.Generator().manual_seed(step))
     det0 = losses.detector_loss(logits[:b], labels[:b])
     det1 = losses.detector_loss(logits[b:], labels[b:])
     desc_loss = losses.descriptor_loss(desc[:b], desc[b:], homographies, conf=conf["loss"])
@@ -128,7 +143,8 @@ def train(labels: str | Path, run_dir: str | Path, init: str | Path | None = Non
     optimizer = torch.optim.Adam(net.parameters(), lr=conf["lr"])
 
     def loss_at_step(step: int) -> dict:
-        batch = make_batch(dataset, step_rng(conf["seed"], step), conf["batch_size"], conf["warps"])
+        batch = make_batch(dataset, step_rng(conf["seed"], step), conf["batch_size"], conf["warps"],
+                           conf["label_sigma"])
         return pair_loss(net, *batch, step, conf)
 
     return fit(net, optimizer, run_dir, conf, out_name, loss_at_step, {"det": "det", "desc": "desc"})
