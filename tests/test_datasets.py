@@ -3,6 +3,7 @@ broken copies that must fail with a one-line SourceError (or warn and skip one f
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import cv2
@@ -121,6 +122,9 @@ def test_kitti_missing_frame_is_skipped_with_a_warning(tmp_path):
         frames = list(source.frames("stereo"))
     assert [f.index for f in frames] == [0, 2]
     assert len(list(source.frames("mono"))) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")         # a start after the missing frame never reads it
+        assert [f.index for f in StartAt(source, 2).frames("stereo")] == [2]
 
 
 def test_kitti_empty_image_folder(tmp_path):

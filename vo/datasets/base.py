@@ -133,7 +133,7 @@ def natural_key(name: str) -> list:
 
 
 class Source:
-    """A sequence of frames with its camera; subclasses implement `_frames(mode)`.
+    """A sequence of frames with its camera; subclasses implement `_frames(mode, first)`.
 
     Attributes: name, kind, camera (the camera of the images *as yielded*, i.e. undistorted /
     rectified), modes (richest first), mode (default for `frames()`), ground_truth (None or
@@ -188,7 +188,8 @@ class Source:
         finally:
             generator.close()  # releases video captures promptly
 
-    def _frames(self, mode: str) -> Iterator[Frame]:
+    def _frames(self, mode: str, first: int = 0) -> Iterator[Frame]:
+        """Frames from index ``first`` on; file sources skip the earlier ones unread."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -213,5 +214,6 @@ class StartAt(Source):
         count = self.source.frame_count(mode)
         return None if count is None else max(count - self.first, 0)
 
-    def _frames(self, mode: str) -> Iterator[Frame]:
-        return (frame for frame in self.source.frames(mode) if frame.index >= self.first)
+    def _frames(self, mode: str, first: int = 0) -> Iterator[Frame]:
+        start = self.first + first   # a live source cannot skip unread; the filter drops those frames
+        return (frame for frame in self.source._frames(mode, start) if frame.index >= start)

@@ -140,10 +140,12 @@ class EurocSource(Source):
             return self.rectification.left(image)
         return self.undistort(image) if self.undistort else image
 
-    def _frames(self, mode: str) -> Iterator[Frame]:
+    def _frames(self, mode: str, first: int = 0) -> Iterator[Frame]:
         # Sizes are those of the raw images, which equal the rectified ones.
         size = (self.camera.width, self.camera.height)
         for index, (stamp_ns, left_path) in enumerate(zip(self.stamps_ns, self.left_paths)):
+            if index < first:
+                continue
             stereo = mode == "stereo"
             pair = read_gray_pair(left_path, self.right_paths[index] if stereo else None, stereo, size)
             if pair is None:

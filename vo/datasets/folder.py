@@ -62,9 +62,11 @@ class FolderSource(Source):
         camera = self.undistort.camera if self.undistort else camera
         super().__init__(folder.name, camera, ("mono",), None, len(self.paths))
 
-    def _frames(self, mode: str) -> Iterator[Frame]:
+    def _frames(self, mode: str, first: int = 0) -> Iterator[Frame]:
         size = (self.camera.width, self.camera.height)
         for index, (stamp, path) in enumerate(zip(self.stamps, self.paths)):
+            if index < first:
+                continue
             image = read_sized_image(path, cv2.IMREAD_UNCHANGED, size)
             if image is None:
                 continue

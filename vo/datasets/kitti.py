@@ -99,9 +99,11 @@ class KittiSource(Source):
             raise SourceError(f"{self.right_paths[0].parent}: stereo pair sizes differ "
                               f"(right {right_size[0]}x{right_size[1]}, left {left_size[0]}x{left_size[1]})")
 
-    def _frames(self, mode: str) -> Iterator[Frame]:
+    def _frames(self, mode: str, first: int = 0) -> Iterator[Frame]:
         size = (self.camera.width, self.camera.height)
         for index, (stamp, left_path) in enumerate(zip(self.stamps, self.left_paths)):
+            if index < first:
+                continue
             stereo = mode == "stereo"
             pair = read_gray_pair(left_path, self.right_paths[index] if stereo else None, stereo, size)
             if pair is None:

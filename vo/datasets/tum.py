@@ -142,9 +142,11 @@ class TumSource(Source):
         # Nearest neighbour: blending depths across an edge would invent surfaces.
         return depth if self.undistort is None else self.undistort(depth, cv2.INTER_NEAREST)
 
-    def _frames(self, mode: str) -> Iterator[Frame]:
+    def _frames(self, mode: str, first: int = 0) -> Iterator[Frame]:
         pairs = self.pairs if mode == "rgbd" else [(i, None) for i in range(len(self.rgb_stamps))]
         for index, (rgb_id, depth_id) in enumerate(pairs):
+            if index < first:
+                continue
             image = self._colour(rgb_id)
             depth = self._depth(depth_id) if depth_id is not None else None
             if image is None or (depth_id is not None and depth is None):

@@ -68,7 +68,8 @@ class VideoSource(Source):
     def _prepare(self, image: np.ndarray) -> np.ndarray:
         return self.undistort(image) if self.undistort else image
 
-    def _frames(self, mode: str) -> Iterator[Frame]:
+    def _frames(self, mode: str, first: int = 0) -> Iterator[Frame]:
+        # A video decodes every frame on the way anyway; StartAt drops the early ones.
         yield from (self._webcam_frames() if self.kind == "webcam" else self._file_frames())
 
     def _file_frames(self) -> Iterator[Frame]:
