@@ -125,6 +125,7 @@ def test_kitti_missing_frame_is_skipped_with_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")         # a start after the missing frame never reads it
         assert [f.index for f in StartAt(source, 2).frames("stereo")] == [2]
+        assert [f.index for f in StartAt(StartAt(source, 2), 1).frames("stereo")] == [2]   # indices are absolute
 
 
 def test_kitti_empty_image_folder(tmp_path):

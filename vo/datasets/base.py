@@ -215,5 +215,5 @@ class StartAt(Source):
         return None if count is None else max(count - self.first, 0)
 
     def _frames(self, mode: str, first: int = 0) -> Iterator[Frame]:
-        start = self.first + first   # a live source cannot skip unread; the filter drops those frames
+        start = max(self.first, first)   # indices stay the sequence's; a live source cannot skip unread
         return (frame for frame in self.source._frames(mode, start) if frame.index >= start)

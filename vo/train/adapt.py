@@ -75,7 +75,7 @@ def adapted_heatmap(net, image: np.ndarray, homographies: np.ndarray, batch_size
 def heatmap_to_keypoints(heatmap: np.ndarray, conf: dict) -> np.ndarray:
     heat = simple_nms(torch.from_numpy(heatmap)[None], conf["nms_radius"])[0]
     kpts, _ = select_keypoints(heat, conf["threshold"], border=4, max_keypoints=conf["max_keypoints"])
-    if conf.get("subpixel"):
+    if conf["subpixel"]:
         kpts = refine_subpixel(torch.from_numpy(heatmap), kpts)
     return kpts.numpy().astype(np.float32)
 
