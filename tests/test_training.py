@@ -253,3 +253,19 @@ def test_adapted_labels_are_sub_pixel_only_when_asked():
     image = np.zeros((40, 64), np.uint8)
     maps = make_pair(image, refined, np.random.default_rng(0), sigma=0.5)[2:4]
     assert maps[0].dtype == np.float32 and maps[0].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_run_keeps_each_export_when_asked(tmp_path):
+    from vo.train.common import fit
+    net = SuperPointNet(channels=SLIM)
+    conf = {"lr": 1e-3, "steps": 4, "log_every": 1, "checkpoint_every": 2, "export_every": 2, "keep_exports": True}
+
+    def loss_at_step(step):
+        total = sum((p ** 2).sum() for p in net.parameters())
+        return {"total": total}
+
+    final = fit(net, torch.optim.Adam(net.parameters(), lr=1e-3), tmp_path, conf, "superpoint.pth", loss_at_step, {})
+    assert sorted(p.name for p in tmp_path.glob("export_*.pth")) == ["export_2.pth", "export_4.pth"]
+    first, last = torch.load(tmp_path / "export_2.pth"), torch.load(tmp_path / "export_4.pth")
+    assert all(torch.equal(last[k], v) for k, v in torch.load(final).items())
+    assert not torch.equal(first["conv1a.weight"], last["conv1a.weight"])   # two different states

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -172,7 +173,9 @@ def fit(net: torch.nn.Module, optimizer, run_dir: Path, conf: dict, out_name: st
             if step % conf["checkpoint_every"] == 0:
                 checkpoint.save(net, optimizer, step)
             if step % conf["export_every"] == 0:
-                export_weights(net, run_dir / out_name)
+                exported = export_weights(net, run_dir / out_name)
+                if conf["keep_exports"]:   # to compare exports later (weights/README.md's tables)
+                    shutil.copyfile(exported, run_dir / f"export_{step}.pth")
     except KeyboardInterrupt:
         print(f"\ninterrupted at step {step}; resume with the same command")
     checkpoint.save(net, optimizer, step)

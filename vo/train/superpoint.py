@@ -31,6 +31,7 @@ default_conf = {
     "checkpoint_every": 50,
     "log_every": 10,
     "export_every": 250,
+    "keep_exports": False,    # True: also export_<step>.pth at each export, not only the latest
     "seed": 0,
     # Each pair's warp: pair_conf with one of these overrides, drawn uniformly ([{}]: pair_conf
     # only). Adding stronger zoom and perspective, e.g. vo.evaluate_features' strong_conf

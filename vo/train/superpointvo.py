@@ -53,6 +53,7 @@ default_conf = {
     "checkpoint_every": 50,
     "log_every": 10,
     "export_every": 250,
+    "keep_exports": False,    # True: also export_<step>.pth at each export, not only the latest
     "seed": 0,
     "loss": losses.default_conf,
 }
