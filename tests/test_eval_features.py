@@ -92,14 +92,22 @@ def test_homography_accuracy_is_the_fraction_correct():
     assert [F.homography_accuracy(errors, eps) for eps in (1, 3, 5)] == [0.25, 0.5, 0.75]
 
 
-def test_estimate_recovers_a_homography_despite_outliers():
+@pytest.mark.parametrize("estimator", list(F.HOMOGRAPHY_ESTIMATORS))
+def test_estimate_recovers_a_homography_despite_outliers(estimator):
     rng = np.random.default_rng(0)
     H_gt = np.array([[1.1, 0.05, -30], [0.02, 0.95, 12], [2e-4, -1e-4, 1]])
     kp0 = rng.uniform([0, 0], [639, 479], (200, 2))
     kp1 = F.warp_points(H_gt, kp0)
     kp1[:60] = rng.uniform([0, 0], [639, 479], (60, 2))            # 30 % wrong matches
     matches = np.stack([np.arange(200)] * 2, 1)
-    assert F.corner_error(F.estimate_homography(kp0, kp1, matches), H_gt, SHAPE) < 0.1
+    assert F.corner_error(F.estimate_homography(kp0, kp1, matches, estimator=estimator), H_gt, SHAPE) < 0.1
+
+
+def test_accuracies_name_each_estimator():
+    errors = [{"ransac": 0.5, "magsac": 0.5}, {"ransac": 4.0, "magsac": 2.0}, {"ransac": float("inf"), "magsac": 6.0}]
+    acc = F.homography_accuracies(errors)
+    assert [acc[f"h_acc_{eps}"] for eps in (1, 3, 5)] == [1 / 3, 1 / 3, 2 / 3]
+    assert [acc[f"h_acc_magsac_{eps}"] for eps in (1, 3, 5)] == [1 / 3, 2 / 3, 2 / 3]
 
 
 # ----------------------------------------------------------------------------- resizing
@@ -226,3 +234,17 @@ def test_bad_paths_fail_with_one_line(argv, named, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert named in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_magsac_recovers_the_homographies_plain_ransac_misses_on_our_matches():
+    """On held-out Kodak pairs, the shipped SuperPoint's matches carry the homography: MAGSAC++
+    finds it where the paper's plain RANSAC often stops a few pixels off (their 1.3 px noise)."""
+    from vo.datasets.real_images import held_out_images
+    from vo.evaluate_features import WARPS, evaluate_dataset, superpoint_method, synthetic_pairs
+
+    images = held_out_images(require_data("images", "natural", "Kodak24").parents[2])
+    pairs = list(synthetic_pairs(images, 12, seed=1, warp_conf=WARPS["pair"]))
+    summary = evaluate_dataset([superpoint_method("ours", None, detector_only=False)], pairs)["ours"]
+    # measured 2026-12 with superpoint_ours_v3: MAGSAC++ 11 of 12 within 3 px, RANSAC 7 of 12
+    assert summary["h_acc_magsac_3"] >= 0.75
+    assert summary["h_acc_magsac_3"] >= summary["h_acc_3"] + 0.15

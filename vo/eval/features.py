@@ -10,6 +10,8 @@ rpautrat/SuperPoint's `detector_evaluation` / `descriptor_evaluation`:
   into the same image;
 * a homography estimate is **correct at eps** when the four corners of image 0,
   warped by the estimate and by the truth, are on average at most eps pixels apart.
+  The paper estimates with OpenCV's plain RANSAC; the evaluators also report MAGSAC++
+  (OpenCV's USAC), a robust estimator of today, on the same matches.
 
 The evaluator keeps at most 1000 keypoints per 480x640 image (the paper's setting).
 """
@@ -25,6 +27,8 @@ from vo.geometry.homography import inside_mask, warp_points
 CORRECT_DIST = 3.0             # px, correspondence threshold of repeatability, MLE, NN mAP, M. score
 RANSAC_THRESHOLD = 3.0         # px, reprojection threshold of cv2.findHomography
 HOMOGRAPHY_EPSILONS = (1, 3, 5)
+# The paper's estimator first; both seed their generators on each call (reproducible).
+HOMOGRAPHY_ESTIMATORS = {"ransac": cv2.RANSAC, "magsac": cv2.USAC_MAGSAC}
 
 
 # ----------------------------------------------------------------------------- image resizing
@@ -125,18 +129,34 @@ def localization_error(kp0, kp1, H, shape0, shape1, dist: float = CORRECT_DIST) 
 
 # ----------------------------------------------------------------------------- homography estimation
 
-def estimate_homography(kp0, kp1, matches, threshold: float = RANSAC_THRESHOLD) -> np.ndarray | None:
-    """H from matched keypoints with cv2.findHomography RANSAC; None when it cannot be estimated.
-
-    OpenCV's RANSAC seeds its own generator on each call, so the estimate is reproducible.
-    """
+def estimate_homography(kp0, kp1, matches, threshold: float = RANSAC_THRESHOLD,
+                        estimator: str = "ransac") -> np.ndarray | None:
+    """H from matched keypoints with cv2.findHomography and one of ``HOMOGRAPHY_ESTIMATORS``;
+    None when it cannot be estimated."""
     matches = np.asarray(matches, np.int64).reshape(-1, 2)
     if len(matches) < 4:  # a homography needs four correspondences
         return None
     pts0 = np.asarray(kp0, np.float64).reshape(-1, 2)[matches[:, 0]]
     pts1 = np.asarray(kp1, np.float64).reshape(-1, 2)[matches[:, 1]]
-    H, _ = cv2.findHomography(pts0, pts1, cv2.RANSAC, threshold)
+    H, _ = cv2.findHomography(pts0, pts1, HOMOGRAPHY_ESTIMATORS[estimator], threshold)
     return None if H is None else H.astype(np.float64)
+
+
+def corner_errors(kp0, kp1, matches, H_gt: np.ndarray, shape_hw) -> dict[str, float]:
+    """{estimator: corner error of its estimate from these matches} for every estimator."""
+    return {name: corner_error(estimate_homography(kp0, kp1, matches, estimator=name), H_gt, shape_hw)
+            for name in HOMOGRAPHY_ESTIMATORS}
+
+
+def homography_accuracies(corner_errors_per_pair: list[dict]) -> dict[str, float]:
+    """{"h_acc_3": …, "h_acc_magsac_3": …}: accuracy of each estimator at each eps, the
+    paper's RANSAC under the plain names."""
+    summary = {}
+    for name in HOMOGRAPHY_ESTIMATORS:
+        prefix = "h_acc" if name == "ransac" else f"h_acc_{name}"
+        errors = [pair[name] for pair in corner_errors_per_pair]
+        summary.update({f"{prefix}_{eps}": homography_accuracy(errors, eps) for eps in HOMOGRAPHY_EPSILONS})
+    return summary
 
 
 def image_corners(shape_hw) -> np.ndarray:
