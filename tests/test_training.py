@@ -269,3 +269,59 @@ def test_a_run_keeps_each_export_when_asked(tmp_path):
     first, last = torch.load(tmp_path / "export_2.pth"), torch.load(tmp_path / "export_4.pth")
     assert all(torch.equal(last[k], v) for k, v in torch.load(final).items())
     assert not torch.equal(first["conv1a.weight"], last["conv1a.weight"])   # two different states
+
+
+def gaussian_heatmap(points: np.ndarray, hw=(48, 64), sigma: float = 0.6) -> torch.Tensor:
+    """Peaks of width 0.6 px: narrower ones alias (their sampled centre of mass is pulled to the pixel)."""
+    ys, xs = np.mgrid[:hw[0], :hw[1]]
+    heat = sum(np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * sigma ** 2)) for x, y in points)
+    return torch.from_numpy(heat).float()
+
+
+def test_reprojection_loss_is_zero_when_peaks_move_with_the_warp_and_their_offset_when_not():
+    points = np.array([[10.2, 10.7], [30.6, 12.1], [18.4, 30.5], [44.9, 33.3]])   # windows apart
+    H = torch.tensor([[1.0, 0, 3.3], [0, 1.0, -2.6], [0, 0, 1]])      # a sub-pixel shift
+    heat0 = gaussian_heatmap(points)
+    anchors = [torch.from_numpy(points.round()).long()]
+    follows = gaussian_heatmap(points + [3.3, -2.6])
+    lags = gaussian_heatmap(points + [3.3 + 0.4, -2.6])                # the peaks sit 0.4 px off
+    loss = lambda heat1: losses.reprojection_loss(heat0[None], heat1[None], anchors, H[None], radius=2).item()
+    assert loss(follows) < 0.01
+    assert loss(lags) == pytest.approx(0.4, abs=0.01)
+
+
+def test_reprojection_loss_moves_the_peaks_onto_the_warp():
+    points = np.array([[20.0, 20.0], [40.0, 30.0]])
+    H = torch.tensor([[1.0, 0, 2.5], [0, 1.0, 0.0], [0, 0, 1]])
+    heat0 = gaussian_heatmap(points)
+    logits1 = gaussian_heatmap(points + [2.0, 0.0]).clamp_min(1e-3).log().requires_grad_()
+    optimizer = torch.optim.Adam([logits1], lr=0.05)
+    anchors = [torch.from_numpy(points).long()]
+    history = []
+    for _ in range(30):
+        loss = losses.reprojection_loss(heat0[None], logits1.exp()[None], anchors, H[None], radius=2)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert history[0] == pytest.approx(0.5, abs=0.02) and history[-1] < 0.1
+
+
+def test_superpoint_pair_loss_adds_the_reprojection_term_only_when_weighted():
+    from vo.train import superpoint
+    from vo.train.common import merge_conf
+    rng = np.random.default_rng(0)
+    image = (rng.uniform(0, 255, (64, 96))).astype(np.uint8)
+    keypoints = rng.uniform(6, 58, (20, 2)).astype(np.float32)
+    pairs = [superpoint.make_pair(image, keypoints, rng) for _ in range(2)]
+    images = torch.from_numpy(np.stack([p[0] for p in pairs] + [p[1] for p in pairs])).float()[:, None] / 255
+    kp_maps = torch.from_numpy(np.stack([p[2] for p in pairs] + [p[3] for p in pairs]))
+    H = torch.from_numpy(np.stack([p[4] for p in pairs])).float()
+    net = SuperPointNet(channels=SLIM)
+    plain = superpoint.pair_loss(net, images, kp_maps, H, 0, merge_conf(superpoint.default_conf, {}))
+    weighted = superpoint.pair_loss(net, images, kp_maps, H, 0,
+                                    merge_conf(superpoint.default_conf, {"loss.reprojection_weight": 2.0}))
+    assert "reproj" not in plain and weighted["reproj"] > 0
+    assert weighted["total"].item() == pytest.approx(plain["total"].item() + 2 * weighted["reproj"].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="label_sigma"):
+        superpoint.train("unused.npz", "unused", conf={"label_sigma": 0.5, "loss.reprojection_weight": 1.0})
