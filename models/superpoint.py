@@ -24,11 +24,7 @@ default_conf = {
     "max_keypoints": 1024,   # -1 keeps all
     "remove_borders": 4,
     "cell": 8,
-    # Sub-pixel peaks (not in the paper): "parabola", a quadratic fit on the log-heatmap per
-    # axis; "centroid", the heatmap's centre of mass in a (2r+1)^2 window, the position the
-    # training's reprojection loss (vo.train.losses) makes move with the image; None: pixels.
-    "subpixel": "parabola",
-    "centroid_radius": 2,
+    "subpixel": True,        # refine peaks by a quadratic fit on the log-heatmap (not in the paper)
 }
 
 
@@ -190,37 +186,6 @@ def refine_subpixel(heatmap: torch.Tensor, keypoints: torch.Tensor) -> torch.Ten
     return keypoints + torch.stack([dx, dy], dim=1)
 
 
-def window_offsets(radius: int, device=None) -> torch.Tensor:
-    """((2r+1)^2, 2) integer offsets x,y of a square window, row-major."""
-    r = torch.arange(-radius, radius + 1, device=device)
-    dy, dx = torch.meshgrid(r, r, indexing="ij")
-    return torch.stack([dx.reshape(-1), dy.reshape(-1)], dim=1)
-
-
-def centre_of_mass(heatmap: torch.Tensor, centres: torch.Tensor, radius: int) -> torch.Tensor:
-    """(N,2) sub-pixel x,y: the centre of mass of a (H,W) heatmap in the window around each
-    integer (N,2) x,y centre, the windows inside the map. Differentiable in the heatmap."""
-    offsets = window_offsets(radius, heatmap.device)
-    xy = centres.long()[:, None, :] + offsets[None]                  # (N,K,2)
-    mass = heatmap[xy[..., 1], xy[..., 0]]                           # (N,K)
-    weights = mass / mass.sum(dim=1, keepdim=True).clamp(min=1e-12)
-    return centres.long().to(heatmap.dtype) + weights @ offsets.to(heatmap.dtype)
-
-
-def refine_keypoints(heatmap: torch.Tensor, keypoints: torch.Tensor, conf: dict) -> torch.Tensor:
-    """Integer (N,2) peaks of one heatmap -> sub-pixel ones by ``conf["subpixel"]``."""
-    method = conf["subpixel"]
-    if method in ("parabola", True):
-        return refine_subpixel(heatmap, keypoints)
-    if method == "centroid":
-        if conf["remove_borders"] < conf["centroid_radius"]:
-            raise ValueError("subpixel='centroid' needs remove_borders >= centroid_radius")
-        return centre_of_mass(heatmap, keypoints, conf["centroid_radius"]) if len(keypoints) else keypoints
-    if method in (None, False):
-        return keypoints
-    raise ValueError(f"unknown subpixel method {method!r}: parabola, centroid or None")
-
-
 def sample_descriptors(keypoints: torch.Tensor, descriptors: torch.Tensor, cell: int = 8) -> torch.Tensor:
     """Bilinearly sample (B,D,h,w) descriptors at (B,N,2) pixel keypoints -> (B,N,D), unit length.
 
@@ -305,7 +270,8 @@ class SuperPoint:
         for heatmap, peak_map, desc in zip(heatmaps, peaks, descriptors):
             kpts, scores = select_keypoints(peak_map, self.conf["keypoint_threshold"],
                                             self.conf["remove_borders"], self.conf["max_keypoints"])
-            kpts = refine_keypoints(heatmap, kpts, self.conf)
+            if self.conf["subpixel"]:
+                kpts = refine_subpixel(heatmap, kpts)
             desc = sample_descriptors(kpts[None], desc[None], self.conf["cell"])[0]
             out.append({"keypoints": kpts, "scores": scores, "descriptors": desc, "image_size": size})
         return out

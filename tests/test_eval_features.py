@@ -248,16 +248,3 @@ def test_magsac_recovers_the_homographies_plain_ransac_misses_on_our_matches():
     # measured 2026-12 with superpoint_ours_v3: MAGSAC++ 11 of 12 within 3 px, RANSAC 7 of 12
     assert summary["h_acc_magsac_3"] >= 0.75
     assert summary["h_acc_magsac_3"] >= summary["h_acc_3"] + 0.15
-
-
-def test_each_subpixel_refinement_asked_for_is_a_row_of_its_own():
-    from vo.evaluate_features import build_methods, parse_args
-
-    methods, _ = build_methods(parse_args(["--subpixel", "centroid", "none"]))
-    rows = {m.name.rsplit(", ", 1)[-1].rstrip(")"): m for m in methods if m.name.startswith("SuperPoint")}
-    assert set(rows) == {"centroid", "none"}
-    image = cv2.imread(str(require_data("hpatches", "v_churchill") / "1.ppm"), cv2.IMREAD_GRAYSCALE)
-    image = cv2.resize(image, (640, 480), interpolation=cv2.INTER_AREA)
-    centroid, pixels = (np.asarray(rows[k].extract(image)["keypoints"]) for k in ("centroid", "none"))
-    assert np.array_equal(pixels, pixels.round())                         # no refinement: whole pixels
-    assert 0 < np.abs(centroid - pixels).max() <= 2                        # within the 5x5 window

@@ -189,19 +189,6 @@ def test_subpixel_refinement_recovers_the_centre_of_a_gaussian_peak():
     assert torch.allclose(refined[0], centre, atol=1e-3)
 
 
-def test_centroid_refinement_recovers_a_peak_of_sub_pixel_width_and_names_bad_methods():
-    from models.superpoint import default_conf, refine_keypoints
-    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(40.0), indexing="ij")
-    centre = torch.tensor([17.3, 11.8])   # x, y
-    heatmap = torch.exp(-((xs - centre[0]) ** 2 + (ys - centre[1]) ** 2) / (2 * 0.6 ** 2)) * 0.5
-    peak = torch.tensor([[17.0, 12.0]])
-    refined = refine_keypoints(heatmap, peak, {**default_conf, "subpixel": "centroid"})
-    assert torch.allclose(refined[0], centre, atol=0.01)
-    assert torch.equal(refine_keypoints(heatmap, peak, {**default_conf, "subpixel": None}), peak)
-    with pytest.raises(ValueError, match="unknown subpixel method 'spline'"):
-        refine_keypoints(heatmap, peak, {**default_conf, "subpixel": "spline"})
-
-
 def test_subpixel_refinement_stays_within_half_a_pixel_on_flat_or_border_peaks():
     heatmap = torch.zeros(16, 16)
     heatmap[0, 5] = 0.3          # a one-pixel spike at the border: nothing to fit on one side

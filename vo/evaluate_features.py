@@ -47,7 +47,6 @@ strong_conf = {**pair_conf, "patch_ratio": 0.7, "scaling_amplitude": 0.25,
                "perspective_amplitude_x": 0.15, "perspective_amplitude_y": 0.15,
                "allow_artifacts": True, "translation_overflow": 0.1}
 WARPS = {"pair": pair_conf, "strong": strong_conf}
-SUBPIXEL_METHODS = ("parabola", "centroid", "none")   # models.superpoint's refinements
 
 # SuperPoint paper, full HPatches at 480x640 with 1000 points (Table 3 / 4): context only.
 PAPER_SUPERPOINT = {"repeatability": .581, "mle": 1.158, "h_acc_1": .310, "h_acc_3": .684,
@@ -276,9 +275,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     parser.add_argument("--threshold", type=float, default=0.005,
                         help="detection threshold of MagicPoint/SuperPoint (default 0.005, as released)")
-    parser.add_argument("--subpixel", nargs="+", choices=SUBPIXEL_METHODS, default=None, metavar="METHOD",
-                        help="sub-pixel refinement(s) of SuperPoint's peaks, each evaluated: "
-                             f"{', '.join(SUBPIXEL_METHODS)} (default: the model's)")
     args = parser.parse_args(argv)
     if args.pairs < 1:
         parser.error("--pairs must be at least 1")
@@ -287,13 +283,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def superpoint_method(name: str, weights, detector_only: bool, threshold: float = 0.005,
-                      subpixel: str | None = None) -> Method:
+def superpoint_method(name: str, weights, detector_only: bool, threshold: float = 0.005) -> Method:
     from models.superpoint import SuperPoint
-    refinement = {} if subpixel is None else {"subpixel": None if subpixel == "none" else subpixel}
     # fp32 on purpose: the metrics describe the network, not a reduced-precision run.
-    model = SuperPoint(weights=weights, max_keypoints=MAX_KEYPOINTS, keypoint_threshold=threshold,
-                       precision="fp32", **refinement)
+    model = SuperPoint(weights=weights, max_keypoints=MAX_KEYPOINTS, keypoint_threshold=threshold, precision="fp32")
     return Method(name, model.extract, detector_only)
 
 
@@ -313,12 +306,9 @@ def build_methods(args) -> tuple[list[Method], list[str]]:
     superpoints = args.superpoint or ([shipped["superpoint"]] if shipped["superpoint"] else [])
     if not superpoints:
         notes.append("SuperPoint: no shipped weights/superpoint_*.pth; skipped (pass --superpoint PATH)")
-    refinements = args.subpixel or [None]
     for path in superpoints:
-        for subpixel in refinements:
-            name = f"SuperPoint ({path}{', ' + subpixel if subpixel else ''})"
-            methods.append(superpoint_method(name, path, detector_only=False, threshold=args.threshold,
-                                             subpixel=subpixel))
+        methods.append(superpoint_method(f"SuperPoint ({path})", path, detector_only=False,
+                                         threshold=args.threshold))
     methods += [Method("ORB", ORB(max_keypoints=MAX_KEYPOINTS).extract),
                 Method("SIFT", SIFT(max_keypoints=MAX_KEYPOINTS).extract)]
     return methods, notes

@@ -7,20 +7,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.superpoint import centre_of_mass
-
 default_conf = {
     "cell": 8,
     "positive_margin": 1.0,   # m_p
     "negative_margin": 0.2,   # m_n
     "lambda_d": 250.0,        # weight of the positive pairs in the hinge
     "lambda_loss": 1e-4,      # weight of the descriptor loss in the total
-    # Not in the paper (ALIKE's reprojection loss, on the labels): weight of the distance (px)
-    # between the heatmap's local centre of mass around each label, warped, and the one
-    # around its warp in the other image; 0 trains as the paper does.
-    "reprojection_weight": 0.0,
-    "reprojection_radius": 2,     # window of (2r+1)^2 pixels, as SuperPoint's soft peak refinement reads it
-    "reprojection_points": 256,   # labels per image the loss samples
 }
 
 
@@ -81,32 +73,6 @@ def warp_points_torch(points: torch.Tensor, homographies: torch.Tensor) -> torch
     homog = torch.cat([points, torch.ones_like(points[:, :1])], dim=1)  # (N,3)
     warped = torch.einsum("bij,nj->bni", homographies.to(points.dtype), homog)
     return warped[..., :2] / warped[..., 2:].clamp(min=1e-8)
-
-
-def reprojection_loss(heat0: torch.Tensor, heat1: torch.Tensor, anchors: list[torch.Tensor],
-                      homographies: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean distance (px) in image 1 between H(soft peak around each anchor of image 0) and the
-    soft peak around the anchor's rounded warp; anchors: per image (N,2) integer x,y.
-
-    Zero when the heatmaps' local centres of mass move exactly with the warp, so the detector
-    learns to place a point where the same corner is in every view (sub-pixel repeatability).
-    """
-    height, width = heat0.shape[-2:]
-    inside = lambda xy: ((xy[:, 0] >= radius) & (xy[:, 0] <= width - 1 - radius)
-                         & (xy[:, 1] >= radius) & (xy[:, 1] <= height - 1 - radius))
-    distances = []
-    for h0, h1, a0, H in zip(heat0, heat1, anchors, homographies):
-        a0 = a0[inside(a0)]
-        c1 = warp_points_torch(a0.float(), H[None])[0].round()
-        keep = inside(c1)
-        if not keep.any():
-            continue
-        p0 = centre_of_mass(h0, a0[keep], radius)
-        p1 = centre_of_mass(h1, c1[keep], radius)
-        distances.append((warp_points_torch(p0, H[None])[0] - p1).norm(dim=1))
-    if not distances:
-        return heat0.sum() * 0
-    return torch.cat(distances).mean()
 
 
 def descriptor_correspondence(homographies: torch.Tensor, hc: int, wc: int, cell: int = 8) -> torch.Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.superpoint import SuperPointNet, build_net, channels_from_state_dict, logits_to_heatmap
+from models.superpoint import SuperPointNet, build_net, channels_from_state_dict
 from models.runtime import autocast, select_precision
 from vo.datasets.real_images import DEFAULT_DATA, load_gray
 from vo.datasets.synthetic_shapes import keypoint_map, photometric_augment, soft_keypoint_map
@@ -112,24 +112,7 @@ def pair_loss(net, images, kp_maps, homographies, step: int, conf: dict) -> dict
     det1 = losses.detector_loss(logits[b:], labels[b:])
     desc_loss = losses.descriptor_loss(desc[:b], desc[b:], homographies, conf=conf["loss"])
     total = det0 + det1 + conf["loss"]["lambda_loss"] * desc_loss
-    parts = {"det": (det0 + det1) / 2, "desc": desc_loss}
-    if conf["loss"]["reprojection_weight"] > 0:
-        parts["reproj"] = label_reprojection_loss(logits, kp_maps, homographies, step, conf["loss"])
-        total = total + conf["loss"]["reprojection_weight"] * parts["reproj"]
-    return {"total": total, **parts}
-
-
-def label_reprojection_loss(logits, kp_maps, homographies, step: int, loss_conf: dict) -> torch.Tensor:
-    """``losses.reprojection_loss`` on up to ``reprojection_points`` labels of each first image."""
-    b = len(homographies)
-    heat = logits_to_heatmap(logits)
-    generator = torch.Generator().manual_seed(step)
-    anchors = []
-    for kp_map in kp_maps[:b]:   # one-hot labels (train() refuses soft ones with this loss)
-        yx = torch.nonzero(kp_map)
-        pick = torch.randperm(len(yx), generator=generator)[:loss_conf["reprojection_points"]]
-        anchors.append(yx[pick].flip(1))
-    return losses.reprojection_loss(heat[:b], heat[b:], anchors, homographies, loss_conf["reprojection_radius"])
+    return {"total": total, "det": (det0 + det1) / 2, "desc": desc_loss}
 
 
 def init_net(conf: dict, init: str | Path | None, resume_from: Path | None = None) -> SuperPointNet:
@@ -154,8 +137,6 @@ def train(labels: str | Path, run_dir: str | Path, init: str | Path | None = Non
           conf: dict | None = None, out_name: str = "superpoint.pth") -> Path:
     conf = merge_conf(default_conf, conf)
     conf["precision"] = select_precision(torch.device("cpu"), conf["precision"])
-    if conf["label_sigma"] is not None and conf["loss"]["reprojection_weight"] > 0:
-        raise ValueError("loss.reprojection_weight anchors on one-hot labels: leave label_sigma unset")
     setup_cpu()
     run_dir = Path(run_dir)
     dataset = LabelledImages(labels)
@@ -167,5 +148,4 @@ def train(labels: str | Path, run_dir: str | Path, init: str | Path | None = Non
                            conf["label_sigma"])
         return pair_loss(net, *batch, step, conf)
 
-    logged = {"det": "det", "desc": "desc"} | ({"reproj": "reproj"} if conf["loss"]["reprojection_weight"] > 0 else {})
-    return fit(net, optimizer, run_dir, conf, out_name, loss_at_step, logged)
+    return fit(net, optimizer, run_dir, conf, out_name, loss_at_step, {"det": "det", "desc": "desc"})
