@@ -65,11 +65,14 @@ FRONTENDS = {
 TARGET_FPS = 5.0
 
 
-def build_frontend(name: str, weights: dict[str, str | None] | None = None):
-    """``weights`` maps 'superpoint' / 'superglue' to a file; None means the shipped default."""
+def build_frontend(name: str, weights: dict[str, str | None] | None = None, superpoint_conf: dict | None = None):
+    """``weights`` maps 'superpoint' / 'superglue' to a file; None means the shipped default.
+    ``superpoint_conf`` overrides SuperPoint's configuration (e.g. ``scales``)."""
     extractor, matcher = FRONTENDS[name]
     weights = weights or {}
     extractor_kw = {"weights": weights[extractor]} if weights.get(extractor) else {}
+    if extractor == "superpoint":
+        extractor_kw.update(superpoint_conf or {})
     matcher_kw = {"weights": weights[matcher]} if weights.get(matcher) else {}
     return build_extractor(extractor, **extractor_kw), build_matcher(matcher, **matcher_kw)
 
@@ -81,14 +84,15 @@ def ate_of(result, source, mode: str) -> float:
 
 
 def run_row(row: Row, frontend: str, max_frames: int | None, weights: dict | None = None,
-            config: TrackerConfig | None = None, seeds: int = 1, starts: int = 1) -> dict:
+            config: TrackerConfig | None = None, seeds: int = 1, starts: int = 1,
+            superpoint_conf: dict | None = None) -> dict:
     """One row with one frontend; with ``seeds`` > 1 it runs once per RANSAC seed
     (``TrackerConfig.seed`` 0, 1, ...: the PnP and, in mono, the two-view
     initialisation RANSAC), with ``starts`` > 1 once per first frame 0, 1, ... (each seed);
     it reports the median ATE and all of them (``ate_runs``). A run's ATE covers its own frames."""
     out = {"row": f"{row.name} {row.mode}", "frontend": frontend, "target_ate": row.target_ate}
     try:
-        extractor, matcher = build_frontend(frontend, weights)
+        extractor, matcher = build_frontend(frontend, weights, superpoint_conf)
     except (WeightsError, FileNotFoundError) as e:
         return {**out, "skipped": f"no weights ({str(e).splitlines()[0]})"}
     source = open_source(str(DATA / row.path))
@@ -167,6 +171,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--superpoint-weights", default=None, help="default: the shipped weights")
     parser.add_argument("--superglue-weights", default=None, help="default: the shipped weights")
+    parser.add_argument("--superpoint-scales", type=float, nargs="+", default=None, metavar="S",
+                        help="SuperPoint image scales, e.g. 1 0.7 (run_vo.py --scales; default: 1 only)")
     parser.add_argument("--triangulation", choices=("epipolar", "matcher"), default="epipolar",
                         help="how keyframes are paired for new points (TrackerConfig.triangulation_matching)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
@@ -181,11 +187,12 @@ def main(argv=None) -> int:
     except UsageError as e:
         parser.error(str(e))
     weights = {"superpoint": args.superpoint_weights, "superglue": args.superglue_weights}
+    superpoint_conf = {"scales": tuple(args.superpoint_scales)} if args.superpoint_scales else {}
     results = []
     for row_name in args.rows:
         for frontend in args.frontends:
             results.append(run_row(ROWS[row_name], frontend, args.max_frames, weights, config, args.seeds,
-                                   args.starts))
+                                   args.starts, superpoint_conf))
             print(format_table(results[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(results))

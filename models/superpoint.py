@@ -25,6 +25,9 @@ default_conf = {
     "remove_borders": 4,
     "cell": 8,
     "subpixel": True,        # refine peaks by a quadratic fit on the log-heatmap (not in the paper)
+    # Image scales to detect and describe at, e.g. (1.0, 0.7): the best max_keypoints over all of
+    # them are kept, so points also match across zoom (not in the paper, which runs at 1.0 only).
+    "scales": (1.0,),
 }
 
 
@@ -199,6 +202,15 @@ def sample_descriptors(keypoints: torch.Tensor, descriptors: torch.Tensor, cell:
     return F.normalize(sampled.reshape(b, d, -1).float(), p=2, dim=1).transpose(1, 2)
 
 
+def merge_scales(features: tuple[dict, ...], max_keypoints: int) -> dict:
+    """One feature dict from those of several scales: the ``max_keypoints`` best scores (-1: all)."""
+    merged = {k: torch.cat([f[k] for f in features]) for k in ("keypoints", "scores", "descriptors")}
+    if max_keypoints >= 0 and len(merged["scores"]) > max_keypoints:
+        best = torch.topk(merged["scores"], max_keypoints).indices
+        merged = {k: v[best] for k, v in merged.items()}
+    return {**merged, "image_size": features[0]["image_size"]}
+
+
 def image_to_tensor(image, device: torch.device) -> torch.Tensor:
     """HxW / HxWx3 uint8 (BGR) numpy, or a tensor, -> (1,1,H,W) float in [0,1] on ``device``."""
     if isinstance(image, np.ndarray):
@@ -261,11 +273,22 @@ class SuperPoint:
     def extract_batch(self, images: torch.Tensor) -> list[dict]:
         """(B,1,H,W) float images in [0,1] -> one feature dict per image (stereo pairs, training)."""
         images = images.to(self.device)
+        per_scale = [self.extract_at_scale(images, scale) for scale in self.conf["scales"]]
+        if len(per_scale) == 1:
+            return per_scale[0]
+        return [merge_scales(feats, self.conf["max_keypoints"]) for feats in zip(*per_scale)]
+
+    def extract_at_scale(self, images: torch.Tensor, scale: float) -> list[dict]:
+        """Features of the images resized by ``scale``, keypoints in the original pixels."""
         height, width = images.shape[-2:]
-        logits, descriptors = self.forward_dense(images)
-        heatmaps = logits_to_heatmap(logits, self.conf["cell"])[:, :height, :width]
-        peaks = simple_nms(heatmaps, self.conf["nms_radius"])
         size = torch.tensor([width, height], device=self.device)
+        if scale != 1.0:
+            images = F.interpolate(images, scale_factor=scale, mode="bilinear", antialias=True,
+                                   align_corners=False)
+        to_original = size / torch.tensor(images.shape[-1:-3:-1], device=self.device)
+        logits, descriptors = self.forward_dense(images)
+        heatmaps = logits_to_heatmap(logits, self.conf["cell"])[:, :images.shape[-2], :images.shape[-1]]
+        peaks = simple_nms(heatmaps, self.conf["nms_radius"])
         out = []
         for heatmap, peak_map, desc in zip(heatmaps, peaks, descriptors):
             kpts, scores = select_keypoints(peak_map, self.conf["keypoint_threshold"],
@@ -273,6 +296,8 @@ class SuperPoint:
             if self.conf["subpixel"]:
                 kpts = refine_subpixel(heatmap, kpts)
             desc = sample_descriptors(kpts[None], desc[None], self.conf["cell"])[0]
+            # pixel centres: x_original + 0.5 = (x_scaled + 0.5) * to_original
+            kpts = (kpts + 0.5) * to_original - 0.5 if scale != 1.0 else kpts
             out.append({"keypoints": kpts, "scores": scores, "descriptors": desc, "image_size": size})
         return out
 

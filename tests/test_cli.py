@@ -67,6 +67,7 @@ def test_a_run_can_start_at_a_later_frame(tmp_path, capsys):
     ([str(SAMPLE), "--start-frame", "-1"], "--start-frame -1: a frame index is 0 or more"),
     ([str(SAMPLE), "--features", "superpoint", "--weights", "/no/weights"], "/no/weights"),
     ([str(SAMPLE), "--set", "ba.windw=3"], "--set: unknown option 'ba.windw'"),
+    ([str(SAMPLE), "--features", "superpoint", "--scales", "1", "0"], "--scales 1.0 0.0: every scale must be above 0"),
     ([str(SAMPLE), "--set", "ransac_max_error=big"], "--set: option 'ransac_max_error' takes a value like"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(args, message, capsys):

@@ -213,6 +213,28 @@ def test_int8_superpoint_calibrates_on_its_first_input_and_keeps_the_keypoints(s
     assert (dist <= 1.0).float().mean() > 0.8
 
 
+def test_a_coarser_scale_finds_the_points_of_the_reduced_image_in_original_pixels(shared_data):
+    """Scale 0.5 = the network on the half-size image, keypoints mapped back pixel centre to pixel
+    centre; several scales keep the best max_keypoints of all, each with its own descriptor."""
+    import torch.nn.functional as F
+    image = cv2.imread(str(shared_data / "hpatches" / "v_churchill" / "1.ppm"), cv2.IMREAD_GRAYSCALE)
+    image = cv2.resize(image, (640, 480), interpolation=cv2.INTER_AREA)
+    model = SuperPoint(precision="fp32", max_keypoints=400)
+    tensor = torch.from_numpy(image).float()[None, None] / 255
+    half = F.interpolate(tensor, scale_factor=0.5, mode="bilinear", antialias=True, align_corners=False)
+    direct = model.extract_batch(half)[0]
+    coarse = model.extract_at_scale(tensor, 0.5)[0]
+    assert torch.allclose(coarse["keypoints"], (direct["keypoints"] + 0.5) * 2 - 0.5)
+    assert torch.equal(coarse["descriptors"], direct["descriptors"])
+    assert coarse["image_size"].tolist() == [640, 480]
+
+    both = SuperPoint(precision="fp32", max_keypoints=400, scales=(1.0, 0.5)).extract(image)
+    fine = model.extract(image)
+    assert len(both["keypoints"]) == 400 and len(both["descriptors"]) == 400
+    pooled = torch.cat([fine["scores"], coarse["scores"]])
+    assert torch.equal(both["scores"].sort().values, pooled.topk(400).values.sort().values)
+
+
 def test_idle_cores_leaves_busy_cores_to_their_jobs():
     from models.runtime import idle_cores
     assert idle_cores(2, 0.1) == 2

@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip the frames before N (pySLAM's start_frame_id); the map starts there")
     p.add_argument("--max-frames", type=int, metavar="N")
     p.add_argument("--max-keypoints", type=int, default=1024)
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+                   help="SuperPoint: image scales to detect at, e.g. 1 0.7 (points that match across zoom; "
+                        "about 1.5x the extraction time); the best --max-keypoints of all are kept")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for the networks (default: the cores not busy with other jobs)")
     p.add_argument("--no-viz", action="store_true", help="no windows (also when no display is found)")
@@ -102,13 +105,16 @@ def build_frontend(args) -> Frontend:
         if not sp_weights:
             print("note: no SuperPoint weights shipped yet; using ORB features (see weights/README.md)")
     if features.startswith("superpoint"):
+        if min(args.scales) <= 0:
+            raise UsageError(f"--scales {' '.join(map(str, args.scales))}: every scale must be above 0")
         pattern = f"{features}_*.pth"
         path = shipped(pattern, args.weights)
         if path is None:
             stage = "superpointvo --labels DIR" if features == "superpointvo" else "superpoint"
             raise UsageError(f"{args.weights or ROOT / 'weights'}: no {pattern} weights found "
                              f"(train them with `python -m vo.train {stage}`, see weights/README.md)")
-        extractor = build_extractor("superpoint", weights=path, max_keypoints=args.max_keypoints)
+        extractor = build_extractor("superpoint", weights=path, max_keypoints=args.max_keypoints,
+                                    scales=tuple(args.scales))
     else:
         extractor = build_extractor(features, max_keypoints=max(args.max_keypoints, 1500))
     matcher_name = args.matcher

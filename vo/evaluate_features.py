@@ -275,7 +275,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     parser.add_argument("--threshold", type=float, default=0.005,
                         help="detection threshold of MagicPoint/SuperPoint (default 0.005, as released)")
+    parser.add_argument("--scales", type=float, nargs="+", default=None, metavar="S",
+                        help="SuperPoint image scales, e.g. 1 0.7 (default: 1 only); the best 1000 of all are kept")
     args = parser.parse_args(argv)
+    if args.scales and min(args.scales) <= 0:
+        parser.error("--scales: every scale must be above 0")
     if args.pairs < 1:
         parser.error("--pairs must be at least 1")
     if args.out and not args.out.parent.is_dir():   # fail now, not after minutes of evaluation
@@ -283,10 +287,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def superpoint_method(name: str, weights, detector_only: bool, threshold: float = 0.005) -> Method:
+def superpoint_method(name: str, weights, detector_only: bool, threshold: float = 0.005,
+                      scales=(1.0,)) -> Method:
     from models.superpoint import SuperPoint
     # fp32 on purpose: the metrics describe the network, not a reduced-precision run.
-    model = SuperPoint(weights=weights, max_keypoints=MAX_KEYPOINTS, keypoint_threshold=threshold, precision="fp32")
+    model = SuperPoint(weights=weights, max_keypoints=MAX_KEYPOINTS, keypoint_threshold=threshold, precision="fp32",
+                       scales=tuple(scales))
     return Method(name, model.extract, detector_only)
 
 
@@ -306,9 +312,11 @@ def build_methods(args) -> tuple[list[Method], list[str]]:
     superpoints = args.superpoint or ([shipped["superpoint"]] if shipped["superpoint"] else [])
     if not superpoints:
         notes.append("SuperPoint: no shipped weights/superpoint_*.pth; skipped (pass --superpoint PATH)")
+    scales = tuple(args.scales or (1.0,))
+    at_scales = f", scales {' '.join(f'{s:g}' for s in scales)}" if args.scales else ""
     for path in superpoints:
-        methods.append(superpoint_method(f"SuperPoint ({path})", path, detector_only=False,
-                                         threshold=args.threshold))
+        methods.append(superpoint_method(f"SuperPoint ({path}{at_scales})", path, detector_only=False,
+                                         threshold=args.threshold, scales=scales))
     methods += [Method("ORB", ORB(max_keypoints=MAX_KEYPOINTS).extract),
                 Method("SIFT", SIFT(max_keypoints=MAX_KEYPOINTS).extract)]
     return methods, notes
