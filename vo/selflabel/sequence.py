@@ -36,8 +36,9 @@ def sequence_name(source) -> str:
 def build_frontend(config: SelfLabelConfig):
     """The extractor and matcher exactly as run_vo.py builds them for these features."""
     from vo.cli import build_frontend as cli_frontend
+    # one scale: the labels train the network on the image as it is
     return cli_frontend(argparse.Namespace(features=config.features, weights=config.weights, matcher=None,
-                                           max_keypoints=config.max_keypoints))
+                                           max_keypoints=config.max_keypoints, scales=[1.0]))
 
 
 def label_sequence(spec: str, config: SelfLabelConfig, progress: Callable[[int], None] | None = None
