@@ -8,6 +8,7 @@ ground truth is converted from the body (IMU) frame to that camera.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -143,9 +144,7 @@ class EurocSource(Source):
     def _frames(self, mode: str, first: int = 0) -> Iterator[Frame]:
         # Sizes are those of the raw images, which equal the rectified ones.
         size = (self.camera.width, self.camera.height)
-        for index, (stamp_ns, left_path) in enumerate(zip(self.stamps_ns, self.left_paths)):
-            if index < first:
-                continue
+        for index, (stamp_ns, left_path) in islice(enumerate(zip(self.stamps_ns, self.left_paths)), first, None):
             stereo = mode == "stereo"
             pair = read_gray_pair(left_path, self.right_paths[index] if stereo else None, stereo, size)
             if pair is None:

@@ -5,6 +5,7 @@ or beside it (as KITTI's image_0/ with ../times.txt). Other files are skipped wi
 """
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -64,9 +65,7 @@ class FolderSource(Source):
 
     def _frames(self, mode: str, first: int = 0) -> Iterator[Frame]:
         size = (self.camera.width, self.camera.height)
-        for index, (stamp, path) in enumerate(zip(self.stamps, self.paths)):
-            if index < first:
-                continue
+        for index, (stamp, path) in islice(enumerate(zip(self.stamps, self.paths)), first, None):
             image = read_sized_image(path, cv2.IMREAD_UNCHANGED, size)
             if image is None:
                 continue

@@ -2,6 +2,7 @@
 ground truth in `../../poses/<sequence>.txt` when present."""
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -101,9 +102,7 @@ class KittiSource(Source):
 
     def _frames(self, mode: str, first: int = 0) -> Iterator[Frame]:
         size = (self.camera.width, self.camera.height)
-        for index, (stamp, left_path) in enumerate(zip(self.stamps, self.left_paths)):
-            if index < first:
-                continue
+        for index, (stamp, left_path) in islice(enumerate(zip(self.stamps, self.left_paths)), first, None):
             stereo = mode == "stereo"
             pair = read_gray_pair(left_path, self.right_paths[index] if stereo else None, stereo, size)
             if pair is None:

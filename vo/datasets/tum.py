@@ -7,6 +7,7 @@ the folder (freiburg1/2/3), unless `--calib` is given.
 from __future__ import annotations
 
 import re
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -144,9 +145,7 @@ class TumSource(Source):
 
     def _frames(self, mode: str, first: int = 0) -> Iterator[Frame]:
         pairs = self.pairs if mode == "rgbd" else [(i, None) for i in range(len(self.rgb_stamps))]
-        for index, (rgb_id, depth_id) in enumerate(pairs):
-            if index < first:
-                continue
+        for index, (rgb_id, depth_id) in islice(enumerate(pairs), first, None):
             image = self._colour(rgb_id)
             depth = self._depth(depth_id) if depth_id is not None else None
             if image is None or (depth_id is not None and depth is None):
