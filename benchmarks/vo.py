@@ -182,6 +182,8 @@ def main(argv=None) -> int:
     parser.add_argument("--starts", type=int, default=1,
                         help="runs per row (and seed) starting at frames 0..N-1: other initialisations, same spread")
     args = parser.parse_args(argv)
+    if args.superpoint_scales and min(args.superpoint_scales) <= 0:
+        parser.error("--superpoint-scales: every scale must be above 0")
     try:
         config = tracker_config(args)
     except UsageError as e:
