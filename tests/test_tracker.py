@@ -16,8 +16,8 @@ from vo.eval.trajectory import Trajectory
 from vo.map import NO_POINT, Keyframe, invert
 from vo.pipeline import run
 from vo.render import RenderConfig, RenderedSequence
-from vo.tracker import (Tracker, TrackerConfig, TrackerState, equiangular_vertex, initialise_two_view, project,
-                       refine_right_x, triangulate_pair)
+from vo.tracker import (Tracker, TrackerConfig, TrackerState, best_unique_pairs, equiangular_vertex,
+                       initialise_two_view, project, refine_right_x, triangulate_pair)
 from vo.types import Camera
 
 # ATE bounds on a 2.7 m rendered trajectory (320x240, scene 2-4 m away); measured
@@ -322,3 +322,16 @@ def test_stereo_refinement_measures_sub_pixel_disparities_without_pulling_to_who
     close = np.abs(measured - disparity) < 1
     assert close.mean() > 0.9
     assert abs(np.mean(measured[close]) - disparity) < 0.05
+
+
+def test_best_unique_pairs_keeps_each_side_once_and_survives_an_all_ambiguous_set():
+    """Each new point keeps its best old one if it passes the ratio test, each old one is taken once;
+    when every candidate is ambiguous nothing is left (it crashed a TUM RGB-D run at frame 45 once)."""
+    i, j = np.array([0, 0, 1, 2]), np.array([5, 6, 5, 7])
+    dist = np.array([0.1, 0.5, 0.3, 0.2])
+    kept_i, kept_j = best_unique_pairs(i, j, dist, max_dist=1.0, ratio=0.8)
+    assert sorted(zip(kept_i.tolist(), kept_j.tolist())) == [(0, 5), (2, 7)]   # 1 loses old 5 to 0
+
+    ambiguous_i, ambiguous_j = best_unique_pairs(np.array([0, 0]), np.array([5, 6]), np.array([0.30, 0.31]),
+                                                 max_dist=1.0, ratio=0.8)
+    assert len(ambiguous_i) == 0 and len(ambiguous_j) == 0

@@ -644,6 +644,8 @@ def best_unique_pairs(i: np.ndarray, j: np.ndarray, dist: np.ndarray, max_dist: 
     second_dist = np.where(has_second, np.r_[dist[1:], np.inf], np.inf)
     good = first & (dist < ratio * second_dist + 1e-12)
     i, j, dist = i[good], j[good], dist[good]
+    if len(i) == 0:      # every candidate failed the ratio test
+        return i, j
     order = np.lexsort((dist, j))
     i, j = i[order], j[order]
     first_j = np.r_[True, j[1:] != j[:-1]]
