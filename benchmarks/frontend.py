@@ -215,7 +215,7 @@ def same_matches(sg, precision, feats0, feats1) -> tuple[float, int]:
 
 
 def superglue_fidelity(sg, precision, feats) -> str:
-    """``same_matches`` on the pairs first image against each other one."""
+    """``same_matches`` of the first image against each of the others."""
     same, counts = zip(*(same_matches(sg, precision, feats[0], other) for other in feats[1:]))
     return f"same matches {100 * np.mean(same):.1f}% (worst pair {100 * min(same):.1f}%; " \
            f"{min(counts)}-{max(counts)} fp32 matches per pair), {len(same)} pairs"
