@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models import build_extractor, build_matcher  # noqa: E402
+from models.superpoint import checked_scales  # noqa: E402
 from models.weights import WeightsError  # noqa: E402
 from vo.datasets import StartAt, open_source  # noqa: E402
 from vo.eval.metrics import evaluate  # noqa: E402
@@ -182,8 +183,11 @@ def main(argv=None) -> int:
     parser.add_argument("--starts", type=int, default=1,
                         help="runs per row (and seed) starting at frames 0..N-1: other initialisations, same spread")
     args = parser.parse_args(argv)
-    if args.superpoint_scales and min(args.superpoint_scales) <= 0:
-        parser.error("--superpoint-scales: every scale must be above 0")
+    if args.superpoint_scales:
+        try:
+            checked_scales(args.superpoint_scales)
+        except ValueError as e:
+            parser.error(f"--superpoint-scales {e}")
     try:
         config = tracker_config(args)
     except UsageError as e:

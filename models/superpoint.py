@@ -202,6 +202,14 @@ def sample_descriptors(keypoints: torch.Tensor, descriptors: torch.Tensor, cell:
     return F.normalize(sampled.reshape(b, d, -1).float(), p=2, dim=1).transpose(1, 2)
 
 
+def checked_scales(scales) -> tuple[float, ...]:
+    """``scales`` as a tuple of floats; ValueError (naming them) unless every one is above 0."""
+    scales = tuple(float(s) for s in scales)
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"{' '.join(map(str, scales))}: every scale must be above 0")
+    return scales
+
+
 def merge_scales(features: tuple[dict, ...], max_keypoints: int) -> dict:
     """One feature dict from those of several scales: the ``max_keypoints`` best scores (-1: all)."""
     merged = {k: torch.cat([f[k] for f in features]) for k in ("keypoints", "scores", "descriptors")}
@@ -251,6 +259,7 @@ class SuperPoint:
                  keypoint_threshold: float = 0.005, device=None, precision: str | None = None, **conf):
         self.conf = {**default_conf, **conf, "max_keypoints": max_keypoints,
                      "nms_radius": nms_radius, "keypoint_threshold": keypoint_threshold}
+        self.conf["scales"] = checked_scales(self.conf["scales"])
         self.device = select_device(device)
         self.precision = select_precision(self.device, precision)
         if weights is None:

@@ -241,3 +241,8 @@ def test_idle_cores_leaves_busy_cores_to_their_jobs():
     assert idle_cores(2, 1.2) == 1         # one core taken by a training job
     assert idle_cores(2, 5.0) == 1         # never fewer than one
     assert idle_cores(8, 2.6) == 5
+
+
+def test_a_scale_of_zero_or_below_is_refused_where_superpoint_is_built():
+    with pytest.raises(ValueError, match="1.0 0.0: every scale must be above 0"):
+        SuperPoint(weights=False, precision="fp32", scales=(1.0, 0.0))

@@ -98,6 +98,7 @@ def set_threads(threads: int | None) -> None:
 
 def build_frontend(args) -> Frontend:
     from models import build_extractor, build_matcher
+    from models.superpoint import checked_scales
     features = args.features
     sp_weights = shipped("superpoint_*.pth", args.weights)
     if features is None:
@@ -105,8 +106,10 @@ def build_frontend(args) -> Frontend:
         if not sp_weights:
             print("note: no SuperPoint weights shipped yet; using ORB features (see weights/README.md)")
     if features.startswith("superpoint"):
-        if min(args.scales) <= 0:
-            raise UsageError(f"--scales {' '.join(map(str, args.scales))}: every scale must be above 0")
+        try:
+            scales = checked_scales(args.scales)
+        except ValueError as e:
+            raise UsageError(f"--scales {e}") from None
         pattern = f"{features}_*.pth"
         path = shipped(pattern, args.weights)
         if path is None:
@@ -114,7 +117,7 @@ def build_frontend(args) -> Frontend:
             raise UsageError(f"{args.weights or ROOT / 'weights'}: no {pattern} weights found "
                              f"(train them with `python -m vo.train {stage}`, see weights/README.md)")
         extractor = build_extractor("superpoint", weights=path, max_keypoints=args.max_keypoints,
-                                    scales=tuple(args.scales))
+                                    scales=scales)
     else:
         extractor = build_extractor(features, max_keypoints=max(args.max_keypoints, 1500))
     matcher_name = args.matcher

@@ -278,8 +278,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scales", type=float, nargs="+", default=None, metavar="S",
                         help="SuperPoint image scales, e.g. 1 0.7 (default: 1 only); the best 1000 of all are kept")
     args = parser.parse_args(argv)
-    if args.scales and min(args.scales) <= 0:
-        parser.error("--scales: every scale must be above 0")
+    if args.scales:
+        from models.superpoint import checked_scales
+        try:
+            checked_scales(args.scales)
+        except ValueError as e:
+            parser.error(f"--scales {e}")
     if args.pairs < 1:
         parser.error("--pairs must be at least 1")
     if args.out and not args.out.parent.is_dir():   # fail now, not after minutes of evaluation
