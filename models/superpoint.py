@@ -7,6 +7,8 @@ max-pool NMS, threshold, border removal, top-k, bilinear descriptor sampling.
 """
 from __future__ import annotations
 
+import copy
+
 import cv2
 import numpy as np
 import torch
@@ -55,18 +57,19 @@ class SuperPointNet(nn.Module):
         self.convDa, self.convDb = conv(c4, c5), conv(c5, descriptor_dim, 1)
         self.norms = nn.ModuleDict({name: nn.BatchNorm2d(getattr(self, name).out_channels)
                                     for name in NORMALISED_CONVS}) if batch_norm else None
+        self.pool = max_pool_2x2
 
     def block(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """conv (+ norm) + ReLU."""
         x = getattr(self, name)(x)
-        return F.relu(self.norms[name](x) if self.norms is not None else x)
+        # In place: no fresh full-resolution buffer per layer (autograd keeps what it needs).
+        return F.relu(self.norms[name](x) if self.norms is not None else x, inplace=True)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        pool = F.max_pool2d
         x = self.block("conv1b", self.block("conv1a", x))
-        x = self.block("conv2b", self.block("conv2a", pool(x, 2)))
-        x = self.block("conv3b", self.block("conv3a", pool(x, 2)))
-        return self.block("conv4b", self.block("conv4a", pool(x, 2)))
+        x = self.block("conv2b", self.block("conv2a", self.pool(x)))
+        x = self.block("conv3b", self.block("conv3a", self.pool(x)))
+        return self.block("conv4b", self.block("conv4a", self.pool(x)))
 
     def detect(self, image: torch.Tensor) -> torch.Tensor:
         """Detector logits only (MagicPoint training and homographic adaptation)."""
@@ -110,6 +113,21 @@ def build_net(weights, descriptor_dim: int = 256) -> SuperPointNet:
 
 
 # ---------------------------------------------------------------- pure post-processing
+
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2)``, the same values; at inference as two strided maximums: on bf16
+    channels_last CPU tensors max_pool2d took more time than the conv before it. Training keeps
+    max_pool2d, whose backward ran a SuperPoint training step twice as fast."""
+    if x.requires_grad:
+        return F.max_pool2d(x, 2)
+    height, width = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    rows = torch.maximum(x[..., 0:height:2, :width], x[..., 1:height:2, :width])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
+def torch_max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x, 2)
+
 
 def logits_to_heatmap(logits: torch.Tensor, cell: int = 8) -> torch.Tensor:
     """(B,65,h,w) logits -> (B,H,W) keypoint probabilities; the dustbin is dropped."""
@@ -315,7 +333,9 @@ class SuperPoint:
         if self.precision != "int8":
             return self.net
         if self.int8_net is None:
-            self.int8_net = quantize_static(self.net, [images.contiguous()])
+            float_net = copy.copy(self.net)
+            float_net.pool = torch_max_pool_2x2   # quantized tensors pool natively; torch.maximum would not
+            self.int8_net = quantize_static(float_net, [images.contiguous()])
         return self.int8_net
 
     def forward_dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
