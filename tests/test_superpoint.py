@@ -180,6 +180,17 @@ def test_opencv_max_filter_equals_max_pooling():
     assert torch.equal(max_filter(x.requires_grad_(), 4), pooled)   # the differentiable path
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_max_pooling_equals_max_pool2d_on_odd_and_channels_last_maps(dtype):
+    from models.superpoint import max_pool_2x2
+    for shape in ((1, 3, 8, 12), (2, 5, 9, 13)):
+        x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+        assert torch.equal(max_pool_2x2(x), torch.nn.functional.max_pool2d(x, 2))
+    grad = torch.randn(1, 2, 6, 6, requires_grad=True)
+    max_pool_2x2(grad).sum().backward()      # training takes max_pool2d's backward: one 1 per window
+    assert grad.grad.sum() == 2 * 3 * 3 and grad.grad.max() == 1
+
+
 def test_subpixel_refinement_recovers_the_centre_of_a_gaussian_peak():
     ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(40.0), indexing="ij")
     centre = torch.tensor([17.3, 11.8])   # x, y
