@@ -6,6 +6,7 @@
     python -m vo.train superglue --features-from runs/superpoint/superpoint.pth --run runs/superglue
     python -m vo.train superpointvo --labels runs/selflabel --init weights/superpoint_*.pth --run runs/superpointvo
     python -m vo.train export weights/checkpoints/superpoint_last.pth --out runs/superpoint_r2s/superpoint.pth
+    python -m vo.train prune weights/superpoint_ours_full_v1.pth --channels 32 64 128 128 256 --out runs/prune/superpoint.pth
 """
 from __future__ import annotations
 
@@ -56,6 +57,10 @@ def main(argv=None) -> int:
     ex = sub.add_parser("export", help="shippable weights from a run's checkpoint (RUN/last.pth)")
     ex.add_argument("checkpoint", metavar="LAST.pth")
     ex.add_argument("--out", required=True, metavar="FILE.pth")
+    pr = sub.add_parser("prune", help="narrower SuperPoint from a trained one (channel pruning), to fine-tune")
+    pr.add_argument("weights", metavar="SUPERPOINT.pth")
+    pr.add_argument("--channels", type=int, nargs=5, required=True, metavar="C", help="c1 c2 c3 c4 c5")
+    pr.add_argument("--out", required=True, metavar="FILE.pth")
     args = parser.parse_args(argv)
 
     conf = parse_overrides(getattr(args, "set", []))
@@ -93,6 +98,13 @@ def run_stage(args, conf: dict) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"weights: {path} ({kind}, step {step})")
+    elif args.stage == "prune":
+        from vo.train.prune import prune
+        try:
+            print(f"weights: {prune(args.weights, args.channels, args.out)}")
+        except ValueError as e:   # widths the network cannot be pruned to: one line
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     elif args.stage == "superpointvo":
         from vo.train import superpointvo
         try:
