@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from models import build_extractor, build_matcher  # noqa: E402
 from models.superpoint import checked_scales  # noqa: E402
-from models.weights import WeightsError  # noqa: E402
+from models.weights import WeightsError, default_weights, superglue_features  # noqa: E402
 from vo.datasets import StartAt, open_source  # noqa: E402
 from vo.eval.metrics import evaluate  # noqa: E402
 from vo.eval.trajectory import Trajectory, associate  # noqa: E402
@@ -72,6 +72,9 @@ def build_frontend(name: str, weights: dict[str, str | None] | None = None, supe
     extractor, matcher = FRONTENDS[name]
     weights = weights or {}
     extractor_kw = {"weights": weights[extractor]} if weights.get(extractor) else {}
+    if matcher == "superglue" and not extractor_kw:   # the features SuperGlue learnt, when known
+        paired = superglue_features(weights.get("superglue") or default_weights("superglue_*.pth"))
+        extractor_kw = {"weights": paired} if paired else {}
     if extractor == "superpoint":
         extractor_kw.update(superpoint_conf or {})
     matcher_kw = {"weights": weights[matcher]} if weights.get(matcher) else {}

@@ -12,6 +12,10 @@ import torch
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 # Magic Leap's files, which a user may drop into weights/; a default prefers the project's own.
 OFFICIAL_NAMES = frozenset({"superpoint_v1.pth", "superglue_indoor.pth", "superglue_outdoor.pth"})
+# SuperGlue learns one SuperPoint's descriptors: the SuperPoint file each known SuperGlue file was
+# trained on (ours: on v2's features, then measured on v3, v2's fine-tune; weights/README.md).
+SUPERGLUE_FEATURES = {"superglue_ours_v1.pth": "superpoint_ours_v3.pth",
+                      "superglue_indoor.pth": "superpoint_v1.pth", "superglue_outdoor.pth": "superpoint_v1.pth"}
 
 
 class WeightsError(RuntimeError):
@@ -35,6 +39,13 @@ def newest_match(folder: Path, pattern: str) -> Path | None:
     """
     found = sorted(Path(folder).glob(pattern), key=lambda p: (p.name not in OFFICIAL_NAMES, natural_key(p)))
     return found[-1] if found else None
+
+
+def superglue_features(superglue: str | Path) -> Path | None:
+    """The SuperPoint file beside ``superglue`` that it was trained on, when known and present."""
+    name = SUPERGLUE_FEATURES.get(Path(superglue).name)
+    path = Path(superglue).parent / name if name else None
+    return path if path is not None and path.is_file() else None
 
 
 def natural_key(path: Path) -> list:

@@ -47,9 +47,24 @@ def test_shipped_superglue_initialises_the_monocular_sample(tmp_path, capsys):
                      "--out", str(tmp_path / "traj.txt")])
     assert code == 0
     text = capsys.readouterr().out
-    assert "superpoint+superglue" in text
+    assert "superpoint+superglue (superpoint_ours_v3.pth, superglue_ours_v1.pth)" in text   # the features it learnt
     ate_cm = float(text.split("ATE          rmse ")[1].split(" cm")[0])
     assert ate_cm < 5.0            # Sim(3)-aligned, 55 real frames: measured 3.19 cm (mutual NN 1.25 cm)
+
+
+def test_superglue_runs_on_the_superpoint_it_was_trained_on_unless_one_is_named(tmp_path):
+    from argparse import Namespace
+    for name in ("superpoint_ours_v3.pth", "superpoint_ours_v9.pth", "superglue_ours_v1.pth",
+                 "superpoint_v1.pth", "superglue_outdoor.pth"):
+        (tmp_path / name).touch()
+    assert cli.superglue_pair(Namespace(matcher="superglue", weights=str(tmp_path))) == tmp_path / "superpoint_ours_v3.pth"
+    assert cli.superglue_pair(Namespace(matcher="mnn", weights=str(tmp_path))) is None     # newest SuperPoint then
+    named = str(tmp_path / "superpoint_ours_v9.pth")
+    assert cli.superglue_pair(Namespace(matcher="superglue", weights=named)) is None     # the user's choice stands
+    (tmp_path / "superglue_ours_v1.pth").unlink()
+    assert cli.superglue_pair(Namespace(matcher="superglue", weights=str(tmp_path))) == tmp_path / "superpoint_v1.pth"
+    (tmp_path / "superpoint_v1.pth").unlink()
+    assert cli.superglue_pair(Namespace(matcher="superglue", weights=str(tmp_path))) is None  # unknown: the default
 
 
 def test_a_run_can_start_at_a_later_frame(tmp_path, capsys):

@@ -375,7 +375,7 @@ def test_shipped_weights_match_a_warped_frame_better_than_mutual_nn():
     from models.superpoint import SuperPoint
     from vo.train.match_data import homography_gt
 
-    from models.weights import default_weights_or_none
+    from models.weights import default_weights, default_weights_or_none, superglue_features
 
     root = Path(__file__).parent.parent
     if default_weights_or_none("superglue_*.pth") is None:
@@ -384,7 +384,7 @@ def test_shipped_weights_match_a_warped_frame_better_than_mutual_nn():
     image = cv2.imread(str(frame), cv2.IMREAD_GRAYSCALE)
     H = np.vstack([cv2.getRotationMatrix2D((320, 240), 10, 0.85), [2e-4, -1.5e-4, 1.0]])   # turn, zoom out, tilt
     warped = cv2.convertScaleAbs(cv2.warpPerspective(image, H, image.shape[::-1]), alpha=0.7, beta=25)
-    sp = SuperPoint(max_keypoints=1024, precision="fp32")
+    sp = SuperPoint(weights=superglue_features(default_weights("superglue_*.pth")), max_keypoints=1024, precision="fp32")
     feats0, feats1 = sp.extract(image), sp.extract(warped)
     gt0, _ = homography_gt(feats0["keypoints"], feats1["keypoints"], H)
 

@@ -70,6 +70,7 @@ class Frontend:
     name: str
     extractor: object
     matcher: object
+    weights: tuple[str, ...] = ()    # file names of the networks, for the summary
 
 
 def shipped(pattern: str, weights: str | None) -> Path | None:
@@ -96,10 +97,19 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads if threads else idle_cores())
 
 
+def superglue_pair(args) -> Path | None:
+    """With --matcher superglue and no SuperPoint file named: the SuperPoint that SuperGlue learnt."""
+    if args.matcher != "superglue" or (args.weights and Path(args.weights).is_file()):
+        return None
+    from models.weights import superglue_features
+    sg_weights = shipped("superglue_*.pth", args.weights)
+    return superglue_features(sg_weights) if sg_weights else None
+
+
 def build_frontend(args) -> Frontend:
     from models import build_extractor, build_matcher
     from models.superpoint import checked_scales
-    features = args.features
+    features, files = args.features, []
     sp_weights = shipped("superpoint_*.pth", args.weights)
     if features is None:
         features = "superpoint" if sp_weights else "orb"
@@ -111,13 +121,15 @@ def build_frontend(args) -> Frontend:
         except ValueError as e:
             raise UsageError(f"--scales {e}") from None
         pattern = f"{features}_*.pth"
-        path = shipped(pattern, args.weights)
+        path = superglue_pair(args) if features == "superpoint" else None
+        path = path or shipped(pattern, args.weights)
         if path is None:
             stage = "superpointvo --labels DIR" if features == "superpointvo" else "superpoint"
             raise UsageError(f"{args.weights or ROOT / 'weights'}: no {pattern} weights found "
                              f"(train them with `python -m vo.train {stage}`, see weights/README.md)")
         extractor = build_extractor("superpoint", weights=path, max_keypoints=args.max_keypoints,
                                     scales=scales)
+        files.append(path.name)
     else:
         extractor = build_extractor(features, max_keypoints=max(args.max_keypoints, 1500))
     matcher_name = args.matcher
@@ -126,9 +138,10 @@ def build_frontend(args) -> Frontend:
         if sg_weights is None:
             raise UsageError(f"{args.weights or ROOT / 'weights'}: no superglue_*.pth weights found")
         matcher = build_matcher("superglue", weights=sg_weights)
+        files.append(sg_weights.name)
     else:
         matcher = build_matcher("mnn", ratio=0.9 if features == "sift" else None)
-    return Frontend(f"{features}+{matcher_name}", extractor, matcher)
+    return Frontend(f"{features}+{matcher_name}", extractor, matcher, tuple(files))
 
 
 def open_input(args):
@@ -181,7 +194,8 @@ def evaluate_ate(result, source) -> AteReport | None:
 
 def summary(result, frontend: Frontend, source, ate, out: Path) -> str:
     lines = [
-        f"sequence     {source.name} ({source.kind}, {result.mode}), frontend {frontend.name}",
+        f"sequence     {source.name} ({source.kind}, {result.mode}), frontend {frontend.name}"
+        + (f" ({', '.join(frontend.weights)})" if frontend.weights else ""),
         f"frames       {result.num_frames} at {result.fps:.1f} FPS"
         + (f"  (stopped early: {result.error})" if result.interrupted else ""),
         f"keyframes    {result.num_keyframes}, map points {result.num_map_points}",

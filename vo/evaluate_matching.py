@@ -286,7 +286,9 @@ def format_table(results: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m vo.evaluate_matching", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--superpoint", metavar="PATH", help="SuperPoint weights (default: the shipped weights/superpoint_*.pth)")
+    parser.add_argument("--superpoint", metavar="PATH",
+                        help="SuperPoint weights (default: those the first SuperGlue was trained on, "
+                             "else the shipped weights/superpoint_*.pth)")
     parser.add_argument("--superglue", action="append", metavar="PATH", default=[],
                         help="SuperGlue weights (repeatable; 'indoor'/'outdoor' = shipped official files; "
                              "default: the shipped weights/superglue_*.pth)")
@@ -308,16 +310,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args) -> str:
     from models.classical import SIFT
     from models.superpoint import SuperPoint
-    from models.weights import WeightsError, default_weights_or_none
+    from models.weights import WeightsError, default_weights_or_none, superglue_features
     from vo.datasets.real_images import held_out_images
 
     if not args.data.is_dir():
         raise InputError(f"{args.data}: data folder not found")
     try:
-        superpoint = SuperPoint(weights=args.superpoint, max_keypoints=args.max_keypoints, precision="fp32")
-        matchers = [mutual_nn_matcher(None)] + [mutual_nn_matcher(r) for r in args.ratio]
         shipped = default_weights_or_none("superglue_*.pth")
-        matchers += [superglue_matcher(w) for w in args.superglue or ([shipped] if shipped else [])]
+        superglues = args.superglue or ([shipped] if shipped else [])
+        # by default, the features the (first) SuperGlue learnt
+        features = args.superpoint or (superglue_features(superglues[0]) if superglues else None)
+        superpoint = SuperPoint(weights=features, max_keypoints=args.max_keypoints, precision="fp32")
+        matchers = [mutual_nn_matcher(None)] + [mutual_nn_matcher(r) for r in args.ratio]
+        matchers += [superglue_matcher(w) for w in superglues]
     except WeightsError as e:
         raise InputError(str(e)) from None
     held_out = held_out_images(args.data)
