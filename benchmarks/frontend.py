@@ -1,6 +1,7 @@
 """Front-end speed and reduced-precision fidelity: SuperPoint and SuperGlue.
 
     python benchmarks/frontend.py [--runs 10] [--keypoints 512 1024 2048] [--force-precisions bf16]
+    python benchmarks/frontend.py --compare weights/superpoint_ours_v3.pth weights/superpoint_ours_v4.pth
 
 Speed: median ms/call over ``--runs`` calls after warm-up, for fp32 (the baseline,
 measured in the same run) and each reduced precision this device really runs
@@ -152,6 +153,30 @@ def bench_superpoint(device, precs, runs, builds: dict) -> None:
           "speed-up against the official widths in fp32", rows)
 
 
+def compare_superpoints(device, precision: str, runs: int, files: list[str]) -> None:
+    """SuperPoint files timed in turn, one extract each per round, so that a shared host's slow
+    phases hit all of them alike; the first file is the baseline."""
+    factory = superpoint_factory(device)
+    images = churchill_images()
+    image = (cv2.resize(images[0], (640, 480)) if images
+             else np.random.default_rng(0).integers(0, 256, (480, 640), dtype=np.uint8))
+    models = {name: factory(name, precision) for name in files}
+    for model in models.values():
+        time_call(lambda: model.extract(image), device, runs=1)   # warm-up
+    times = {name: [] for name in models}
+    for _ in range(runs):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.extract(image)
+            sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    base = statistics.median(times[files[0]])
+    print(f"\nSuperPoint extract at 640x480 ({'v_churchill 1' if images else 'random image'}), {precision}, "
+          f"interleaved over {runs} rounds: median ms (min); time against the first file")
+    for name, ms in times.items():
+        print(f"  {name:>48}  {statistics.median(ms):8.1f} ({min(ms):.1f})  {statistics.median(ms) / base:5.2f}x")
+
+
 # ---------------------------------------------------------------- fidelity
 
 def churchill_images():
@@ -273,6 +298,8 @@ def main(argv=None) -> None:
     parser.add_argument("--superpoint-weights", default=None)
     parser.add_argument("--superglue-weights", default=None)
     parser.add_argument("--skip", nargs="*", default=[], choices=["superglue", "superpoint", "fidelity"])
+    parser.add_argument("--compare", nargs="+", metavar="SUPERPOINT.pth",
+                        help="only time these SuperPoint files against each other, interleaved")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -288,6 +315,9 @@ def main(argv=None) -> None:
         print(f"warning: load average {load:.1f} exceeds {os.cpu_count()} CPUs; wall times are inflated "
               "(see the cpu ms column; --threads 1 suffers least from contention)")
 
+    if args.compare:
+        compare_superpoints(device, select_precision(device), args.runs, args.compare)
+        return
     sp_weights = resolve(args.superpoint_weights, "superpoint_*.pth")
     sg_weights = resolve(args.superglue_weights, "superglue_*.pth")
     factory = superpoint_factory(device)
