@@ -57,14 +57,16 @@ def test_superglue_runs_on_the_superpoint_it_was_trained_on_unless_one_is_named(
     for name in ("superpoint_ours_v3.pth", "superpoint_ours_v9.pth", "superglue_ours_v1.pth",
                  "superpoint_v1.pth", "superglue_outdoor.pth"):
         (tmp_path / name).touch()
-    assert cli.superglue_pair(Namespace(matcher="superglue", weights=str(tmp_path))) == tmp_path / "superpoint_ours_v3.pth"
-    assert cli.superglue_pair(Namespace(matcher="mnn", weights=str(tmp_path))) is None     # newest SuperPoint then
-    named = str(tmp_path / "superpoint_ours_v9.pth")
-    assert cli.superglue_pair(Namespace(matcher="superglue", weights=named)) is None     # the user's choice stands
+    folder = Namespace(weights=str(tmp_path))
+    pair = lambda args: cli.superglue_pair(args, cli.shipped("superglue_*.pth", args.weights))   # noqa: E731
+    assert pair(folder) == tmp_path / "superpoint_ours_v3.pth"
+    assert cli.superglue_pair(folder, None) is None                                  # no SuperGlue: newest SuperPoint
+    named = Namespace(weights=str(tmp_path / "superpoint_ours_v9.pth"))
+    assert cli.superglue_pair(named, tmp_path / "superglue_ours_v1.pth") is None      # the user's choice stands
     (tmp_path / "superglue_ours_v1.pth").unlink()
-    assert cli.superglue_pair(Namespace(matcher="superglue", weights=str(tmp_path))) == tmp_path / "superpoint_v1.pth"
+    assert pair(folder) == tmp_path / "superpoint_v1.pth"
     (tmp_path / "superpoint_v1.pth").unlink()
-    assert cli.superglue_pair(Namespace(matcher="superglue", weights=str(tmp_path))) is None  # unknown: the default
+    assert pair(folder) is None                                                       # unknown: the default
 
 
 def test_a_run_can_start_at_a_later_frame(tmp_path, capsys):

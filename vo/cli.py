@@ -97,13 +97,12 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads if threads else idle_cores())
 
 
-def superglue_pair(args) -> Path | None:
-    """With --matcher superglue and no SuperPoint file named: the SuperPoint that SuperGlue learnt."""
-    if args.matcher != "superglue" or (args.weights and Path(args.weights).is_file()):
+def superglue_pair(args, sg_weights: Path | None) -> Path | None:
+    """With SuperGlue ``sg_weights`` and no SuperPoint file named: the SuperPoint that SuperGlue learnt."""
+    if sg_weights is None or (args.weights and Path(args.weights).is_file()):
         return None
     from models.weights import superglue_features
-    sg_weights = shipped("superglue_*.pth", args.weights)
-    return superglue_features(sg_weights) if sg_weights else None
+    return superglue_features(sg_weights)
 
 
 def build_frontend(args) -> Frontend:
@@ -111,6 +110,7 @@ def build_frontend(args) -> Frontend:
     from models.superpoint import checked_scales
     features, files = args.features, []
     sp_weights = shipped("superpoint_*.pth", args.weights)
+    sg_weights = shipped("superglue_*.pth", args.weights) if args.matcher == "superglue" else None
     if features is None:
         features = "superpoint" if sp_weights else "orb"
         if not sp_weights:
@@ -121,7 +121,7 @@ def build_frontend(args) -> Frontend:
         except ValueError as e:
             raise UsageError(f"--scales {e}") from None
         pattern = f"{features}_*.pth"
-        path = superglue_pair(args) if features == "superpoint" else None
+        path = superglue_pair(args, sg_weights) if features == "superpoint" else None
         path = path or shipped(pattern, args.weights)
         if path is None:
             stage = "superpointvo --labels DIR" if features == "superpointvo" else "superpoint"
@@ -134,7 +134,6 @@ def build_frontend(args) -> Frontend:
         extractor = build_extractor(features, max_keypoints=max(args.max_keypoints, 1500))
     matcher_name = args.matcher
     if matcher_name == "superglue":
-        sg_weights = shipped("superglue_*.pth", args.weights)
         if sg_weights is None:
             raise UsageError(f"{args.weights or ROOT / 'weights'}: no superglue_*.pth weights found")
         matcher = build_matcher("superglue", weights=sg_weights)

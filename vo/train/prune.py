@@ -15,16 +15,14 @@ import torch
 
 from models.superpoint import build_net, channels_from_state_dict
 
-# conv -> the convs that read its output, in network order; widths index c1..c5 per conv
-CONSUMERS = {
-    "conv1a": ("conv1b",), "conv1b": ("conv2a",),
-    "conv2a": ("conv2b",), "conv2b": ("conv3a",),
-    "conv3a": ("conv3b",), "conv3b": ("conv4a",),
-    "conv4a": ("conv4b",), "conv4b": ("convPa", "convDa"),
-    "convPa": ("convPb",), "convDa": ("convDb",),
+# conv -> (index of its width in c1..c5, the convs that read its output), in network order
+LAYERS = {
+    "conv1a": (0, ("conv1b",)), "conv1b": (0, ("conv2a",)),
+    "conv2a": (1, ("conv2b",)), "conv2b": (1, ("conv3a",)),
+    "conv3a": (2, ("conv3b",)), "conv3b": (2, ("conv4a",)),
+    "conv4a": (3, ("conv4b",)), "conv4b": (3, ("convPa", "convDa")),
+    "convPa": (4, ("convPb",)), "convDa": (4, ("convDb",)),
 }
-WIDTH_INDEX = {"conv1a": 0, "conv1b": 0, "conv2a": 1, "conv2b": 1, "conv3a": 2, "conv3b": 2,
-               "conv4a": 3, "conv4b": 3, "convPa": 4, "convDa": 4}
 
 
 def channel_importance(state: dict, consumers: tuple[str, ...]) -> torch.Tensor:
@@ -37,16 +35,14 @@ def prune_channels(state: dict, channels: tuple[int, ...]) -> dict:
     have = channels_from_state_dict(state)
     if len(channels) != 5 or any(new < 1 or new > old for new, old in zip(channels, have)):
         raise ValueError(f"channels {tuple(channels)} must be 5 widths between 1 and the network's {have}")
-    keep = {}
-    for conv, consumers in CONSUMERS.items():
-        width = channels[WIDTH_INDEX[conv]]
-        order = channel_importance(state, consumers).argsort(descending=True)
-        keep[conv] = order[:width].sort().values
+    # every ranking reads the unpruned weights, so the layers' choices do not depend on their order
+    keep = {conv: channel_importance(state, consumers).argsort(descending=True)[:channels[width]].sort().values
+            for conv, (width, consumers) in LAYERS.items()}
     pruned = {k: v.clone() for k, v in state.items()}
     for conv, kept in keep.items():      # this conv's outputs and its consumers' inputs
         pruned[f"{conv}.weight"] = pruned[f"{conv}.weight"][kept]
         pruned[f"{conv}.bias"] = pruned[f"{conv}.bias"][kept]
-        for consumer in CONSUMERS[conv]:
+        for consumer in LAYERS[conv][1]:
             pruned[f"{consumer}.weight"] = pruned[f"{consumer}.weight"][:, kept]
     return pruned
 
