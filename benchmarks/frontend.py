@@ -157,7 +157,7 @@ def compare_superpoints(device, precision: str, runs: int, files: list[str]) -> 
     """SuperPoint files timed in turn, one extract each per round, so that a shared host's slow
     phases hit all of them alike; the first file is the baseline."""
     factory = superpoint_factory(device)
-    images = churchill_images()
+    images = churchill_images("{root} missing; timing a random image")
     image = (cv2.resize(images[0], (640, 480)) if images
              else np.random.default_rng(0).integers(0, 256, (480, 640), dtype=np.uint8))
     models = {name: factory(name, precision) for name in files}
@@ -179,10 +179,10 @@ def compare_superpoints(device, precision: str, runs: int, files: list[str]) -> 
 
 # ---------------------------------------------------------------- fidelity
 
-def churchill_images():
+def churchill_images(missing_note: str = "fidelity: {root} missing; skipped"):
     root = SHARED_DATA / "hpatches" / "v_churchill"
     if not root.exists():
-        print(f"\nfidelity: {root} missing; skipped")
+        print("\n" + missing_note.format(root=root))
         return None
     return [cv2.imread(str(root / f"{k}.ppm")) for k in range(1, 7)]
 

@@ -42,7 +42,12 @@ def newest_match(folder: Path, pattern: str) -> Path | None:
 
 
 def superglue_features(superglue: str | Path) -> Path | None:
-    """The SuperPoint file beside ``superglue`` that it was trained on, when known and present."""
+    """The SuperPoint file beside ``superglue`` that it was trained on, when known and present.
+
+    ``superglue`` may also be one of SuperGlue's shortcuts, "indoor" or "outdoor" (Magic Leap's files in weights/).
+    """
+    if str(superglue) in ("indoor", "outdoor"):
+        superglue = WEIGHTS_DIR / f"superglue_{superglue}.pth"
     name = SUPERGLUE_FEATURES.get(Path(superglue).name)
     path = Path(superglue).parent / name if name else None
     return path if path is not None and path.is_file() else None

@@ -69,6 +69,16 @@ def test_superglue_runs_on_the_superpoint_it_was_trained_on_unless_one_is_named(
     assert pair(folder) is None                                                       # unknown: the default
 
 
+def test_superglue_shortcuts_pair_with_magic_leaps_superpoint(tmp_path, monkeypatch):
+    import models.weights as weights
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
+    (tmp_path / "superglue_indoor.pth").touch()
+    assert weights.superglue_features("indoor") is None                  # superpoint_v1.pth absent
+    (tmp_path / "superpoint_v1.pth").touch()
+    assert weights.superglue_features("indoor") == tmp_path / "superpoint_v1.pth"
+    assert weights.superglue_features("outdoor") == tmp_path / "superpoint_v1.pth"
+
+
 def test_a_run_can_start_at_a_later_frame(tmp_path, capsys):
     out = tmp_path / "traj.txt"
     assert cli.main([str(SAMPLE), "--no-viz", "--features", "orb", "--start-frame", "40", "--out", str(out)]) == 0
