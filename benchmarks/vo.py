@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from models import build_extractor, build_matcher  # noqa: E402
 from models.superpoint import checked_scales  # noqa: E402
-from models.weights import WeightsError, default_weights, superglue_features  # noqa: E402
+from models.weights import WeightsError, default_weights, superglue_features, superglue_for  # noqa: E402
 from vo.datasets import StartAt, open_source  # noqa: E402
 from vo.eval.metrics import evaluate  # noqa: E402
 from vo.eval.trajectory import Trajectory, associate  # noqa: E402
@@ -78,6 +78,9 @@ def build_frontend(name: str, weights: dict[str, str | None] | None = None, supe
     if extractor == "superpoint":
         extractor_kw.update(superpoint_conf or {})
     matcher_kw = {"weights": weights[matcher]} if weights.get(matcher) else {}
+    if matcher == "superglue" and not matcher_kw and weights.get("superpoint"):   # the one that learnt them
+        learnt = superglue_for(weights["superpoint"])
+        matcher_kw = {"weights": learnt} if learnt else {}
     return build_extractor(extractor, **extractor_kw), build_matcher(matcher, **matcher_kw)
 
 

@@ -13,8 +13,9 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 # Magic Leap's files, which a user may drop into weights/; a default prefers the project's own.
 OFFICIAL_NAMES = frozenset({"superpoint_v1.pth", "superglue_indoor.pth", "superglue_outdoor.pth"})
 # SuperGlue learns one SuperPoint's descriptors: the SuperPoint file each known SuperGlue file was
-# trained on (ours: on v2's features, then measured on v3, v2's fine-tune; weights/README.md).
-SUPERGLUE_FEATURES = {"superglue_ours_v1.pth": "superpoint_ours_v3.pth",
+# trained on (ours v1: on v2's features, then measured on v3, v2's fine-tune; v2: v1 fine-tuned on
+# v4's features; weights/README.md).
+SUPERGLUE_FEATURES = {"superglue_ours_v2.pth": "superpoint_ours_v4.pth", "superglue_ours_v1.pth": "superpoint_ours_v3.pth",
                       "superglue_indoor.pth": "superpoint_v1.pth", "superglue_outdoor.pth": "superpoint_v1.pth"}
 
 
@@ -51,6 +52,14 @@ def superglue_features(superglue: str | Path) -> Path | None:
     name = SUPERGLUE_FEATURES.get(Path(superglue).name)
     path = Path(superglue).parent / name if name else None
     return path if path is not None and path.is_file() else None
+
+
+def superglue_for(superpoint: str | Path) -> Path | None:
+    """The SuperGlue file beside ``superpoint`` that was trained on its features, when known and present."""
+    folder, name = Path(superpoint).parent, Path(superpoint).name
+    found = [folder / glue for glue, features in SUPERGLUE_FEATURES.items()
+             if features == name and (folder / glue).is_file()]
+    return found[0] if found else None
 
 
 def natural_key(path: Path) -> list:

@@ -76,10 +76,14 @@ class Frontend:
 def shipped(pattern: str, weights: str | None) -> Path | None:
     """The newest file matching ``pattern`` in --weights or weights/.
 
-    --weights may also name one file: it is then the feature network's (SuperPoint layout).
+    --weights may also name one file: it is then the feature network's (SuperPoint layout), and the
+    SuperGlue is the one beside it that learnt its features.
     """
     if weights and Path(weights).is_file():
-        return Path(weights) if pattern.startswith("superpoint") else None
+        if pattern.startswith("superpoint"):
+            return Path(weights)
+        from models.weights import superglue_for
+        return superglue_for(weights)
     folder = Path(weights) if weights else ROOT / "weights"
     if not folder.is_dir():
         raise UsageError(f"{folder}: no such weights file or folder")
@@ -135,6 +139,9 @@ def build_frontend(args) -> Frontend:
     matcher_name = args.matcher
     if matcher_name == "superglue":
         if sg_weights is None:
+            if args.weights and Path(args.weights).is_file():
+                raise UsageError(f"{args.weights}: no SuperGlue file beside it learnt these features "
+                                 "(models.weights.SUPERGLUE_FEATURES); pass a weights folder")
             raise UsageError(f"{args.weights or ROOT / 'weights'}: no superglue_*.pth weights found")
         matcher = build_matcher("superglue", weights=sg_weights)
         files.append(sg_weights.name)
