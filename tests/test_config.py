@@ -25,7 +25,8 @@ def test_unknown_options_are_named(key):
 
 
 @pytest.mark.parametrize("key, value", [("ransac_max_error", "abc"), ("ba", 3), ("triangulation_matching", 2),
-                                        ("ba.window", 2.5)])
+                                        ("ba.window", 2.5), ("init_local_ratio", "abc"),
+                                        ("max_descriptor_distance", True)])
 def test_values_of_the_wrong_kind_are_named(key, value):
     with pytest.raises(ValueError, match=f"option '{key}' (takes a value like|is a group)"):
         with_overrides(TrackerConfig(), {key: value})
@@ -34,3 +35,9 @@ def test_values_of_the_wrong_kind_are_named(key, value):
 def test_optional_fields_take_a_number_and_floats_take_whole_numbers():
     config = with_overrides(TrackerConfig(), parse_overrides(["max_descriptor_distance=0.7", "ransac_max_error=2"]))
     assert config.max_descriptor_distance == 0.7 and config.ransac_max_error == 2
+
+
+def test_optional_fields_can_be_switched_off_again():
+    config = with_overrides(TrackerConfig(), parse_overrides(["init_local_ratio=0.9"]))
+    assert config.init_local_ratio == 0.9
+    assert with_overrides(config, parse_overrides(["init_local_ratio=null"])).init_local_ratio is None

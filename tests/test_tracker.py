@@ -17,7 +17,7 @@ from vo.map import NO_POINT, Keyframe, invert
 from vo.pipeline import run
 from vo.render import RenderConfig, RenderedSequence
 from vo.tracker import (Tracker, TrackerConfig, TrackerState, best_unique_pairs, equiangular_vertex,
-                       initialise_two_view, project, refine_right_x, triangulate_pair)
+                       initialise_two_view, locally_distinct, project, refine_right_x, triangulate_pair)
 from vo.types import Camera
 
 # ATE bounds on a 2.7 m rendered trajectory (320x240, scene 2-4 m away); measured
@@ -335,3 +335,19 @@ def test_best_unique_pairs_keeps_each_side_once_and_survives_an_all_ambiguous_se
     ambiguous_i, ambiguous_j = best_unique_pairs(np.array([0, 0]), np.array([5, 6]), np.array([0.30, 0.31]),
                                                  max_dist=1.0, ratio=0.8)
     assert len(ambiguous_i) == 0 and len(ambiguous_j) == 0
+
+
+def test_start_map_matches_must_stand_out_among_their_partners_neighbours():
+    """A match whose partner has a look-alike within the search radius is dropped (ORB-SLAM's ratio in a
+    window); one whose look-alikes are farther away, or clearly worse, is kept."""
+    rng = np.random.default_rng(0)
+    desc = rng.standard_normal((6, 32)).astype(np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    twin = desc[0] + 0.01 * rng.standard_normal(32).astype(np.float32)   # keypoint 1 looks like keypoint 0
+    descriptors = np.vstack([desc[0], twin / np.linalg.norm(twin), desc[2:]])
+    keypoints = np.array([[100, 100], [108, 100], [300, 300], [300 + 40, 300], [500, 100], [505, 100]], float)
+    descriptors[3] = descriptors[2]                   # a twin of keypoint 2, but 40 px away
+    queries = descriptors[[0, 2, 4]] + 0.02           # seen again almost unchanged
+    kept = locally_distinct(queries, np.array([0, 2, 4]), keypoints, descriptors, radius=15.0, ratio=0.9)
+    assert kept.tolist() == [False, True, True]
+    assert locally_distinct(queries[:0], np.zeros(0, np.int64), keypoints, descriptors, 15.0, 0.9).shape == (0,)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import fields, is_dataclass, replace
 
 
@@ -31,22 +32,35 @@ def _replace_path(config, path: list[str], value, key: str):
         raise ValueError(f"unknown option {key!r}")
     current = getattr(config, head)
     if not rest:
-        check_type(key, current, value)
+        check_type(key, current, value, typing.get_type_hints(type(config))[head])
     return replace(config, **{head: _replace_path(current, rest, value, key) if rest else value})
 
 
-def check_type(key: str, current, value) -> None:
-    """A value must be of the option's kind: a whole number for a count, any number for a float,
+def fits(value, current) -> bool:
+    """``value`` is of ``current``'s kind: a whole number for a count, any number for a float,
     true/false for a flag."""
+    if isinstance(current, bool) or isinstance(value, bool):
+        return isinstance(current, bool) == isinstance(value, bool)
+    if isinstance(current, int):
+        return isinstance(value, int)
+    if isinstance(current, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(current))
+
+
+def check_type(key: str, current, value, hint=None) -> None:
+    """A value must be of the option's kind; an option that is None by default takes null or a
+    value of its declared type (``float | None``: a number)."""
     if is_dataclass(current):
         raise ValueError(f"option {key!r} is a group: set its fields as {key}.FIELD=VALUE")
-    if isinstance(current, bool) or isinstance(value, bool):
-        ok = isinstance(current, bool) == isinstance(value, bool)
-    elif isinstance(current, int):
-        ok = isinstance(value, int)
-    elif isinstance(current, float):
-        ok = isinstance(value, (int, float))
+    declared = typing.get_args(hint) or (hint,)
+    if value is None and (current is None or type(None) in declared):
+        return
+    if current is None:
+        kinds = [kind for kind in declared if isinstance(kind, type) and kind is not type(None)]
+        ok = not kinds or any(fits(value, kind()) for kind in kinds)
+        shown = kinds[0]() if kinds else None
     else:
-        ok = current is None or isinstance(value, type(current))
+        ok, shown = fits(value, current), current
     if not ok:
-        raise ValueError(f"option {key!r} takes a value like {json.dumps(current)}, got {json.dumps(value)}")
+        raise ValueError(f"option {key!r} takes a value like {json.dumps(shown)}, got {json.dumps(value)}")

@@ -90,6 +90,11 @@ class TrackerConfig:
     init_min_parallax_deg: float = 1.0
     init_homography_ratio: float = 0.45   # ORB-SLAM's R_H threshold
     init_max_frames: int = 30             # reference gets replaced after this many
+    # With a ratio, a start-map match must beat every other keypoint within search_radius of its
+    # partner by it (ORB-SLAM's SearchForInitialization: 0.9 in a window), as tracking later
+    # associates by descriptor in that window. 0.9 helped KITTI 06 mono (SuperGlue most) and hurt
+    # TUM teddy mono with SuperGlue, so it is off (None) by default (weights/README.md, SuperGlue v2).
+    init_local_ratio: float | None = None
     # Relocalisation.
     reloc_keyframes: int = 5
     reloc_min_inliers: int = 30
@@ -463,6 +468,11 @@ class Tracker:
             self._set_init_reference(obs, prior)
             return
         ref_idx, cur_idx = self._match(ref, obs)
+        if self.config.init_local_ratio is not None:
+            distinct = locally_distinct(ref.features.descriptors[ref_idx], cur_idx, obs.keypoints,
+                                        obs.features.descriptors, self.config.search_radius,
+                                        self.config.init_local_ratio)
+            ref_idx, cur_idx = ref_idx[distinct], cur_idx[distinct]
         if len(ref_idx) < self.config.init_min_matches:
             self._set_init_reference(obs, prior)
             return
@@ -660,6 +670,22 @@ def mutual_nearest(d0: np.ndarray, d1: np.ndarray, config: TrackerConfig) -> tup
     i = np.flatnonzero(nn10[nn01] == np.arange(len(d0)))
     keep = dist[i, nn01[i]] <= max_distance(d0, config)
     return i[keep], nn01[i][keep]
+
+
+def locally_distinct(query_descriptors: np.ndarray, partner_idx: np.ndarray, keypoints: np.ndarray,
+                     descriptors: np.ndarray, radius: float, ratio: float) -> np.ndarray:
+    """Boolean mask over matches (query descriptor r -> keypoint partner_idx[r]): the partner's
+    descriptor distance is below ``ratio`` times that of every other keypoint within ``radius`` px."""
+    if len(partner_idx) == 0:
+        return np.zeros(0, bool)
+    dist = distance_matrix(query_descriptors, descriptors)
+    neighbours = cKDTree(keypoints).query_ball_point(keypoints[partner_idx], radius)
+    distinct = np.ones(len(partner_idx), bool)
+    for r, (partner, near) in enumerate(zip(partner_idx, neighbours)):
+        others = [k for k in near if k != partner]
+        if others:
+            distinct[r] = dist[r, partner] < ratio * dist[r, others].min()
+    return distinct
 
 
 def project(xyz_world: np.ndarray, cam_from_world: np.ndarray, camera: Camera):
