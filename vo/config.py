@@ -36,16 +36,14 @@ def _replace_path(config, path: list[str], value, key: str):
     return replace(config, **{head: _replace_path(current, rest, value, key) if rest else value})
 
 
-def fits(value, current) -> bool:
-    """``value`` is of ``current``'s kind: a whole number for a count, any number for a float,
+def fits(value, kind: type) -> bool:
+    """``value`` is of the option kind ``kind``: a whole number for a count, any number for a float,
     true/false for a flag."""
-    if isinstance(current, bool) or isinstance(value, bool):
-        return isinstance(current, bool) == isinstance(value, bool)
-    if isinstance(current, int):
-        return isinstance(value, int)
-    if isinstance(current, float):
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is float:
         return isinstance(value, (int, float))
-    return isinstance(value, type(current))
+    return isinstance(value, kind)
 
 
 def check_type(key: str, current, value, hint=None) -> None:
@@ -56,11 +54,8 @@ def check_type(key: str, current, value, hint=None) -> None:
     declared = typing.get_args(hint) or (hint,)
     if value is None and (current is None or type(None) in declared):
         return
-    if current is None:
-        kinds = [kind for kind in declared if isinstance(kind, type) and kind is not type(None)]
-        ok = not kinds or any(fits(value, kind()) for kind in kinds)
-        shown = kinds[0]() if kinds else None
-    else:
-        ok, shown = fits(value, current), current
-    if not ok:
+    kinds = [type(current)] if current is not None else \
+        [kind for kind in declared if isinstance(kind, type) and kind is not type(None)]
+    if kinds and not any(fits(value, kind) for kind in kinds):
+        shown = current if current is not None else kinds[0]()
         raise ValueError(f"option {key!r} takes a value like {json.dumps(shown)}, got {json.dumps(value)}")

@@ -678,14 +678,14 @@ def locally_distinct(query_descriptors: np.ndarray, partner_idx: np.ndarray, key
     descriptor distance is below ``ratio`` times that of every other keypoint within ``radius`` px."""
     if len(partner_idx) == 0:
         return np.zeros(0, bool)
-    dist = distance_matrix(query_descriptors, descriptors)
-    neighbours = cKDTree(keypoints).query_ball_point(keypoints[partner_idx], radius)
-    distinct = np.ones(len(partner_idx), bool)
-    for r, (partner, near) in enumerate(zip(partner_idx, neighbours)):
-        others = [k for k in near if k != partner]
-        if others:
-            distinct[r] = dist[r, partner] < ratio * dist[r, others].min()
-    return distinct
+    near = cKDTree(keypoints).query_ball_point(keypoints[partner_idx], radius)   # each holds its partner
+    rows = np.repeat(np.arange(len(partner_idx)), [len(n) for n in near])
+    cols = np.concatenate(near).astype(np.int64)
+    other = cols != partner_idx[rows]
+    rows, cols = rows[other], cols[other]
+    nearest_other = np.full(len(partner_idx), np.inf)
+    np.minimum.at(nearest_other, rows, pair_distances(query_descriptors[rows], descriptors[cols]))
+    return pair_distances(query_descriptors, descriptors[partner_idx]) < ratio * nearest_other
 
 
 def project(xyz_world: np.ndarray, cam_from_world: np.ndarray, camera: Camera):
