@@ -110,6 +110,17 @@ def test_accuracies_name_each_estimator():
     assert [acc[f"h_acc_magsac_{eps}"] for eps in (1, 3, 5)] == [1 / 3, 2 / 3, 2 / 3]
 
 
+def test_right_matches_fit_ignores_wrong_matches_and_needs_four_right_ones():
+    rng = np.random.default_rng(1)
+    H_gt = np.array([[1.1, 0.05, -30], [0.02, 0.95, 12], [2e-4, -1e-4, 1]])
+    kp0 = rng.uniform([0, 0], [639, 479], (50, 2))
+    kp1 = F.warp_points(H_gt, kp0) + rng.normal(0, 0.5, (50, 2))   # right, with half a pixel of noise
+    kp1[:30] += rng.uniform(10, 50, (30, 2))                         # wrong by 10-50 px
+    matches = np.stack([np.arange(50)] * 2, 1)
+    assert F.right_matches_fit_error(kp0, kp1, matches, H_gt, SHAPE) < 1.0
+    assert F.right_matches_fit_error(kp0, kp1, matches[:33], H_gt, SHAPE) == float("inf")   # 3 right ones
+
+
 # ----------------------------------------------------------------------------- resizing
 
 def test_resize_matrix_follows_cv2_resize_pixel_centres():
@@ -248,6 +259,7 @@ def test_magsac_recovers_the_homographies_plain_ransac_misses_on_our_matches():
     # measured 2026-12 with superpoint_ours_v4: MAGSAC++ 12 of 12 within 3 px, RANSAC 8 of 12 (v3: 11, 7)
     assert summary["h_acc_magsac_3"] >= 0.75
     assert summary["h_acc_magsac_3"] >= summary["h_acc_3"] + 0.15
+    assert summary["h_acc_right_3"] >= summary["h_acc_magsac_3"]    # the right matches hold it: 12 of 12
 
 
 def test_shipped_default_superpoint_outmatches_the_slim_v3_on_held_out_pairs():

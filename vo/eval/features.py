@@ -148,6 +148,19 @@ def corner_errors(kp0, kp1, matches, H_gt: np.ndarray, shape_hw) -> dict[str, fl
             for name in HOMOGRAPHY_ESTIMATORS}
 
 
+def right_matches_fit_error(kp0, kp1, matches, H_gt: np.ndarray, shape_hw, dist: float = CORRECT_DIST) -> float:
+    """Corner error of the least-squares homography on the matches the truth calls right (within
+    ``dist``): what the matches and their localisation allow, whatever an estimator's sampling does."""
+    matches = np.asarray(matches, np.int64).reshape(-1, 2)
+    pts0 = np.asarray(kp0, np.float64).reshape(-1, 2)[matches[:, 0]]
+    pts1 = np.asarray(kp1, np.float64).reshape(-1, 2)[matches[:, 1]]
+    right = np.linalg.norm(warp_points(H_gt, pts0) - pts1, axis=1) <= dist
+    if right.sum() < 4:
+        return float("inf")
+    H, _ = cv2.findHomography(pts0[right], pts1[right], 0)
+    return corner_error(None if H is None else H.astype(np.float64), H_gt, shape_hw)
+
+
 def homography_accuracies(corner_errors_per_pair: list[dict]) -> dict[str, float]:
     """{"h_acc_3": …, "h_acc_magsac_3": …}: accuracy of each estimator at each eps, the
     paper's RANSAC under the plain names."""
