@@ -17,7 +17,7 @@ from vo.map import NO_POINT, Keyframe, invert
 from vo.pipeline import run
 from vo.render import RenderConfig, RenderedSequence
 from vo.tracker import (Tracker, TrackerConfig, TrackerState, best_unique_pairs, equiangular_vertex,
-                       initialise_two_view, locally_distinct, project, refine_right_x, triangulate_pair)
+                       initialise_two_view, locally_distinct, agrees_with, project, refine_right_x, triangulate_pair)
 from vo.types import Camera
 
 # ATE bounds on a 2.7 m rendered trajectory (320x240, scene 2-4 m away); measured
@@ -351,3 +351,11 @@ def test_start_map_matches_must_stand_out_among_their_partners_neighbours():
     kept = locally_distinct(queries, np.array([0, 2, 4]), keypoints, descriptors, radius=15.0, ratio=0.9)
     assert kept.tolist() == [False, True, True]
     assert locally_distinct(queries[:0], np.zeros(0, np.int64), keypoints, descriptors, 15.0, 0.9).shape == (0,)
+
+
+def test_start_map_cross_check_keeps_the_matches_mutual_nn_makes_too():
+    """``init_mutual_check``: a matcher's pair survives only where mutual NN pairs the same two keypoints."""
+    matcher0, matcher1 = np.array([0, 1, 2, 5]), np.array([3, 4, 7, 9])
+    mnn0, mnn1 = np.array([5, 0, 2, 8]), np.array([9, 3, 6, 1])   # agrees on 0->3 and 5->9, not on 2
+    assert agrees_with(matcher0, matcher1, mnn0, mnn1).tolist() == [True, False, False, True]
+    assert agrees_with(matcher0[:0], matcher1[:0], mnn0, mnn1).shape == (0,)

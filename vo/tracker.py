@@ -95,6 +95,11 @@ class TrackerConfig:
     # associates by descriptor in that window. 0.9 helped KITTI 06 mono (SuperGlue most) and hurt
     # TUM teddy mono with SuperGlue, so it is off (None) by default (weights/README.md, SuperGlue v2).
     init_local_ratio: float | None = None
+    # True: of the injected matcher's start-map matches keep those that are also mutual nearest
+    # descriptor neighbours within max_descriptor_distance (a cross-check of the two matchers).
+    # With SuperGlue it trims KITTI 06 mono's blow-ups but leaves it level with mutual NN, so it
+    # is off by default (weights/README.md, SuperGlue v2).
+    init_mutual_check: bool = False
     # Relocalisation.
     reloc_keyframes: int = 5
     reloc_min_inliers: int = 30
@@ -468,6 +473,10 @@ class Tracker:
             self._set_init_reference(obs, prior)
             return
         ref_idx, cur_idx = self._match(ref, obs)
+        if self.config.init_mutual_check and self.matcher is not None:
+            agree = agrees_with(ref_idx, cur_idx, *mutual_nearest(ref.features.descriptors,
+                                                                  obs.features.descriptors, self.config))
+            ref_idx, cur_idx = ref_idx[agree], cur_idx[agree]
         if self.config.init_local_ratio is not None:
             distinct = locally_distinct(ref.features.descriptors[ref_idx], cur_idx, obs.keypoints,
                                         obs.features.descriptors, self.config.search_radius,
@@ -670,6 +679,12 @@ def mutual_nearest(d0: np.ndarray, d1: np.ndarray, config: TrackerConfig) -> tup
     i = np.flatnonzero(nn10[nn01] == np.arange(len(d0)))
     keep = dist[i, nn01[i]] <= max_distance(d0, config)
     return i[keep], nn01[i][keep]
+
+
+def agrees_with(idx0: np.ndarray, idx1: np.ndarray, other0: np.ndarray, other1: np.ndarray) -> np.ndarray:
+    """Boolean mask over the pairs (idx0, idx1): True where the other matching pairs idx0 the same way."""
+    partner = dict(zip(other0.tolist(), other1.tolist()))
+    return np.array([partner.get(i, -1) == j for i, j in zip(idx0.tolist(), idx1.tolist())], bool)
 
 
 def locally_distinct(query_descriptors: np.ndarray, partner_idx: np.ndarray, keypoints: np.ndarray,
