@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from models import build_extractor, build_matcher  # noqa: E402
 from models.superpoint import checked_scales  # noqa: E402
-from models.weights import WeightsError, default_weights, superglue_features, superglue_for  # noqa: E402
+from models.weights import WeightsError, superglue_pair  # noqa: E402
 from vo.datasets import StartAt, open_source  # noqa: E402
 from vo.eval.metrics import evaluate  # noqa: E402
 from vo.eval.trajectory import Trajectory, associate  # noqa: E402
@@ -70,17 +70,13 @@ def build_frontend(name: str, weights: dict[str, str | None] | None = None, supe
     """``weights`` maps 'superpoint' / 'superglue' to a file; None means the shipped default.
     ``superpoint_conf`` overrides SuperPoint's configuration (e.g. ``scales``)."""
     extractor, matcher = FRONTENDS[name]
-    weights = weights or {}
+    weights = dict(weights or {})
+    if matcher == "superglue" and extractor == "superpoint":   # the pair that learnt each other
+        weights["superpoint"], weights["superglue"] = superglue_pair(weights.get("superpoint"), weights.get("superglue"))
     extractor_kw = {"weights": weights[extractor]} if weights.get(extractor) else {}
-    if matcher == "superglue" and not extractor_kw:   # the features SuperGlue learnt, when known
-        paired = superglue_features(weights.get("superglue") or default_weights("superglue_*.pth"))
-        extractor_kw = {"weights": paired} if paired else {}
     if extractor == "superpoint":
         extractor_kw.update(superpoint_conf or {})
     matcher_kw = {"weights": weights[matcher]} if weights.get(matcher) else {}
-    if matcher == "superglue" and not matcher_kw and weights.get("superpoint"):   # the one that learnt them
-        learnt = superglue_for(weights["superpoint"])
-        matcher_kw = {"weights": learnt} if learnt else {}
     return build_extractor(extractor, **extractor_kw), build_matcher(matcher, **matcher_kw)
 
 

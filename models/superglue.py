@@ -14,7 +14,9 @@ load unchanged. The computation is the released maths, reorganised for speed:
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -285,6 +287,24 @@ def conf_from_state_dict(state: dict, path="weights") -> dict:
                            "(is this a SuperGlue file?)") from None
 
 
+def conf_beside(path) -> dict:
+    """The model configuration ``vo.train superglue`` writes beside its weights (``NAME.json``), or {}.
+
+    It holds what the official layout cannot: the head count of a configuration with other than 4.
+    """
+    beside = Path(path).with_suffix(".json")
+    if not beside.is_file():
+        return {}
+    try:
+        conf = json.loads(beside.read_text())
+    except ValueError as e:
+        raise WeightsError(f"{beside}: not a JSON model configuration ({e})") from None
+    unknown = set(conf) - set(default_conf) if isinstance(conf, dict) else {"(not an object)"}
+    if unknown:
+        raise WeightsError(f"{beside}: unknown SuperGlue option(s) {sorted(unknown)}")
+    return conf
+
+
 class SuperGlue(nn.Module):
     """SuperGlue matcher.
 
@@ -307,7 +327,7 @@ class SuperGlue(nn.Module):
             weights = default_weights(f"superglue_{weights}.pth")
         state = None if weights is False or weights == "random" else read_state_dict(weights)
         # a file's own widths and depth (e.g. our smaller configuration) unless the caller says otherwise
-        file_conf = conf_from_state_dict(state, weights) if state is not None else {}
+        file_conf = {**conf_from_state_dict(state, weights), **conf_beside(weights)} if state is not None else {}
         self.conf = {**default_conf, **file_conf, **conf, "weights": weights,
                      "sinkhorn_iterations": sinkhorn_iterations, "match_threshold": match_threshold}
         dim = self.conf["descriptor_dim"]

@@ -63,6 +63,25 @@ def superglue_for(superpoint: str | Path) -> Path | None:
     return found[0] if found else None
 
 
+def superglue_pair(superpoint: str | Path | None = None, superglue: str | Path | None = None,
+                   folder: str | Path = WEIGHTS_DIR) -> tuple[Path | None, Path]:
+    """The SuperPoint and SuperGlue files to run together.
+
+    Named files stand. A named SuperPoint gets the SuperGlue beside it that learnt its features,
+    and a WeightsError when none did; without one, SuperGlue is ``folder``'s newest. A SuperPoint
+    not named is the one that SuperGlue learnt, else ``folder``'s newest (None when it has none).
+    """
+    if superglue is None:
+        superglue = superglue_for(superpoint) if superpoint else newest_match(Path(folder), "superglue_*.pth")
+        if superglue is None:
+            raise WeightsError(f"{superpoint}: no SuperGlue file beside it learnt these features "
+                               "(models.weights.SUPERGLUE_FEATURES)" if superpoint
+                               else f"{folder}: no superglue_*.pth weights found")
+    if superpoint is None:
+        superpoint = superglue_features(superglue) or newest_match(Path(folder), "superpoint_*.pth")
+    return (Path(superpoint) if superpoint else None), Path(superglue)
+
+
 def natural_key(path: Path) -> list:
     """Sort key that orders the digit runs of a name by value: ..._v2.pth before ..._v10.pth."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]

@@ -58,25 +58,28 @@ def test_superglue_runs_on_the_superpoint_it_was_trained_on_unless_one_is_named(
                  "superpoint_v1.pth", "superglue_outdoor.pth"):
         (tmp_path / name).touch()
     folder = Namespace(weights=str(tmp_path))
-    pair = lambda args: cli.superglue_pair(args, cli.shipped("superglue_*.pth", args.weights))   # noqa: E731
-    assert pair(folder) == tmp_path / "superpoint_ours_v3.pth"
-    assert cli.superglue_pair(folder, None) is None                                  # no SuperGlue: newest SuperPoint
-    named = Namespace(weights=str(tmp_path / "superpoint_ours_v9.pth"))
-    assert cli.superglue_pair(named, tmp_path / "superglue_ours_v1.pth") is None      # the user's choice stands
+    assert cli.superglue_files(folder) == (tmp_path / "superpoint_ours_v3.pth", tmp_path / "superglue_ours_v1.pth")
     (tmp_path / "superglue_ours_v1.pth").unlink()
-    assert pair(folder) == tmp_path / "superpoint_v1.pth"
+    assert cli.superglue_files(folder) == (tmp_path / "superpoint_v1.pth", tmp_path / "superglue_outdoor.pth")
     (tmp_path / "superpoint_v1.pth").unlink()
-    assert pair(folder) is None                                                       # unknown: the default
+    assert cli.superglue_files(folder)[0] == tmp_path / "superpoint_ours_v9.pth"     # unknown: the newest
+    (tmp_path / "superglue_outdoor.pth").unlink()
+    with pytest.raises(cli.UsageError, match="no superglue_"):
+        cli.superglue_files(folder)
 
 
 def test_a_named_superpoint_file_gets_the_superglue_that_learnt_it(tmp_path):
+    from argparse import Namespace
     for name in ("superpoint_ours_v3.pth", "superpoint_ours_v4.pth", "superpoint_ours_v9.pth",
                  "superglue_ours_v1.pth", "superglue_ours_v2.pth"):
         (tmp_path / name).touch()
-    assert cli.shipped("superglue_*.pth", str(tmp_path / "superpoint_ours_v3.pth")) == tmp_path / "superglue_ours_v1.pth"
-    assert cli.shipped("superglue_*.pth", str(tmp_path / "superpoint_ours_v4.pth")) == tmp_path / "superglue_ours_v2.pth"
-    assert cli.shipped("superglue_*.pth", str(tmp_path / "superpoint_ours_v9.pth")) is None   # none learnt v9
-    assert cli.shipped("superglue_*.pth", str(tmp_path)) == tmp_path / "superglue_ours_v2.pth"  # a folder: the newest
+    files = lambda weights: cli.superglue_files(Namespace(weights=str(weights)))   # noqa: E731
+    assert files(tmp_path / "superpoint_ours_v3.pth") == (tmp_path / "superpoint_ours_v3.pth",
+                                                          tmp_path / "superglue_ours_v1.pth")
+    assert files(tmp_path / "superpoint_ours_v4.pth")[1] == tmp_path / "superglue_ours_v2.pth"
+    assert files(tmp_path) == (tmp_path / "superpoint_ours_v4.pth", tmp_path / "superglue_ours_v2.pth")  # the newest
+    with pytest.raises(cli.UsageError, match="superpoint_ours_v9.pth: no SuperGlue file beside it learnt"):
+        files(tmp_path / "superpoint_ours_v9.pth")                                  # none learnt v9
 
 
 def test_superglue_shortcuts_pair_with_magic_leaps_superpoint(tmp_path, monkeypatch):

@@ -248,6 +248,20 @@ def test_wrong_shape_raises(tmp_path):
     assert "'gnn.layers.3.attn.merge.weight'" in message and "(256, 256)" in message
 
 
+def test_the_configuration_beside_a_file_sets_what_its_layout_cannot(tmp_path):
+    """``NAME.json`` (written by vo.train superglue) gives the head count; a bad one is a one-line error."""
+    path = tmp_path / "superglue_ours_h1.pth"
+    torch.save(random_official_state(), path)
+    assert SuperGlue(weights=path).conf["num_heads"] == 4                 # the official layout's default
+    path.with_suffix(".json").write_text('{"num_heads": 1}')
+    sg = SuperGlue(weights=path)
+    assert sg.conf["num_heads"] == 1 and sg.gnn.layers[0].attn.dim == 256
+    path.with_suffix(".json").write_text('{"heads": 1}')
+    with pytest.raises(WeightsError) as info:
+        SuperGlue(weights=path)
+    assert str(info.value) == f"{path.with_suffix('.json')}: unknown SuperGlue option(s) ['heads']"
+
+
 def test_missing_default_weights_raise(monkeypatch, tmp_path):
     monkeypatch.setattr("models.weights.WEIGHTS_DIR", tmp_path)   # as on a checkout without weights
     with pytest.raises(WeightsError, match="superglue"):

@@ -74,16 +74,10 @@ class Frontend:
 
 
 def shipped(pattern: str, weights: str | None) -> Path | None:
-    """The newest file matching ``pattern`` in --weights or weights/.
-
-    --weights may also name one file: it is then the feature network's (SuperPoint layout), and the
-    SuperGlue is the one beside it that learnt its features.
-    """
+    """The newest file matching ``pattern`` in --weights or weights/; a file --weights names is the
+    feature network's (SuperPoint layout). SuperGlue's file comes from ``superglue_files``."""
     if weights and Path(weights).is_file():
-        if pattern.startswith("superpoint"):
-            return Path(weights)
-        from models.weights import superglue_for
-        return superglue_for(weights)
+        return Path(weights)
     folder = Path(weights) if weights else ROOT / "weights"
     if not folder.is_dir():
         raise UsageError(f"{folder}: no such weights file or folder")
@@ -101,12 +95,18 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads if threads else idle_cores())
 
 
-def superglue_pair(args, sg_weights: Path | None) -> Path | None:
-    """With SuperGlue ``sg_weights`` and no SuperPoint file named: the SuperPoint that SuperGlue learnt."""
-    if sg_weights is None or (args.weights and Path(args.weights).is_file()):
-        return None
-    from models.weights import superglue_features
-    return superglue_features(sg_weights)
+def superglue_files(args) -> tuple[Path | None, Path]:
+    """SuperPoint and SuperGlue files for ``--matcher superglue``: ``models.weights.superglue_pair``
+    of the file --weights names (a SuperPoint), or of the folder it names (default weights/)."""
+    from models.weights import WeightsError, superglue_pair
+    named = Path(args.weights) if args.weights and Path(args.weights).is_file() else None
+    folder = Path(args.weights) if args.weights and named is None else ROOT / "weights"
+    if named is None and not folder.is_dir():
+        raise UsageError(f"{folder}: no such weights file or folder")
+    try:
+        return superglue_pair(named, None, folder)
+    except WeightsError as e:
+        raise UsageError(f"{e}; pass a weights folder" if named else str(e)) from None
 
 
 def build_frontend(args) -> Frontend:
@@ -114,7 +114,7 @@ def build_frontend(args) -> Frontend:
     from models.superpoint import checked_scales
     features, files = args.features, []
     sp_weights = shipped("superpoint_*.pth", args.weights)
-    sg_weights = shipped("superglue_*.pth", args.weights) if args.matcher == "superglue" else None
+    sg_features, sg_weights = superglue_files(args) if args.matcher == "superglue" else (None, None)
     if features is None:
         features = "superpoint" if sp_weights else "orb"
         if not sp_weights:
@@ -125,8 +125,7 @@ def build_frontend(args) -> Frontend:
         except ValueError as e:
             raise UsageError(f"--scales {e}") from None
         pattern = f"{features}_*.pth"
-        path = superglue_pair(args, sg_weights) if features == "superpoint" else None
-        path = path or shipped(pattern, args.weights)
+        path = sg_features if features == "superpoint" and sg_features else shipped(pattern, args.weights)
         if path is None:
             stage = "superpointvo --labels DIR" if features == "superpointvo" else "superpoint"
             raise UsageError(f"{args.weights or ROOT / 'weights'}: no {pattern} weights found "
@@ -138,11 +137,6 @@ def build_frontend(args) -> Frontend:
         extractor = build_extractor(features, max_keypoints=max(args.max_keypoints, 1500))
     matcher_name = args.matcher
     if matcher_name == "superglue":
-        if sg_weights is None:
-            if args.weights and Path(args.weights).is_file():
-                raise UsageError(f"{args.weights}: no SuperGlue file beside it learnt these features "
-                                 "(models.weights.SUPERGLUE_FEATURES); pass a weights folder")
-            raise UsageError(f"{args.weights or ROOT / 'weights'}: no superglue_*.pth weights found")
         matcher = build_matcher("superglue", weights=sg_weights)
         files.append(sg_weights.name)
     else:

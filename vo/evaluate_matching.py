@@ -23,7 +23,6 @@ Bad inputs print one line naming the file and exit with code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,27 +74,10 @@ def mutual_nn_matcher(ratio: float | None) -> Matcher:
     return Matcher(name, lambda f0, f1: matcher.match(f0, f1)["matches"])
 
 
-def superglue_conf(path: str | Path) -> dict:
-    """The model configuration of a SuperGlue weight file.
-
-    The ``.json`` written beside it by `vo.train superglue` when there is one; otherwise
-    read from the state dict (layer count, widths), as an official file has none.
-    """
-    path = Path(path)
-    beside = path.with_suffix(".json")
-    if beside.is_file():
-        return json.loads(beside.read_text())
-    from models.superglue import conf_from_state_dict
-    from models.weights import read_state_dict
-
-    return conf_from_state_dict(read_state_dict(path), path)
-
-
 def superglue_matcher(weights: str) -> Matcher:
     from models.superglue import SuperGlue
 
-    conf = {} if weights in ("indoor", "outdoor") else superglue_conf(weights)
-    model = SuperGlue(weights=weights, precision="fp32", **conf)   # fp32: the metrics describe the network
+    model = SuperGlue(weights=weights, precision="fp32")   # fp32: the metrics describe the network
     layers = len(model.conf["GNN_layers"]) // 2
     return Matcher(f"SuperGlue {layers}L ({weights})", lambda f0, f1: model.match(f0, f1)["matches"])
 
