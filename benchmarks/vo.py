@@ -72,7 +72,8 @@ def build_frontend(name: str, weights: dict[str, str | None] | None = None, supe
     extractor, matcher = FRONTENDS[name]
     weights = dict(weights or {})
     if matcher == "superglue" and extractor == "superpoint":   # the pair that learnt each other
-        weights["superpoint"], weights["superglue"] = superglue_pair(weights.get("superpoint"), weights.get("superglue"))
+        weights["superpoint"], weights["superglue"] = superglue_pair(weights.get("superpoint"),
+                                                                     weights.get("superglue"))
     extractor_kw = {"weights": weights[extractor]} if weights.get(extractor) else {}
     if extractor == "superpoint":
         extractor_kw.update(superpoint_conf or {})

@@ -683,8 +683,9 @@ def mutual_nearest(d0: np.ndarray, d1: np.ndarray, config: TrackerConfig) -> tup
 
 def agrees_with(idx0: np.ndarray, idx1: np.ndarray, other0: np.ndarray, other1: np.ndarray) -> np.ndarray:
     """Boolean mask over the pairs (idx0, idx1): True where the other matching pairs idx0 the same way."""
-    partner = dict(zip(other0.tolist(), other1.tolist()))
-    return np.array([partner.get(i, -1) == j for i, j in zip(idx0.tolist(), idx1.tolist())], bool)
+    partner = np.full(max(idx0.max(initial=-1), other0.max(initial=-1)) + 1, -1)
+    partner[other0] = other1
+    return partner[idx0] == idx1
 
 
 def locally_distinct(query_descriptors: np.ndarray, partner_idx: np.ndarray, keypoints: np.ndarray,
