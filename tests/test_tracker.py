@@ -16,8 +16,8 @@ from vo.eval.trajectory import Trajectory
 from vo.map import NO_POINT, Keyframe, invert
 from vo.pipeline import run
 from vo.render import RenderConfig, RenderedSequence
-from vo.tracker import (Tracker, TrackerConfig, TrackerState, best_unique_pairs, equiangular_vertex,
-                       initialise_two_view, locally_distinct, agrees_with, project, refine_right_x, triangulate_pair)
+from vo.tracker import (Tracker, TrackerConfig, TrackerState, agrees_with, best_unique_pairs, equiangular_vertex,
+                       initialise_two_view, locally_distinct, project, refine_right_x, triangulate_pair)
 from vo.types import Camera
 
 # ATE bounds on a 2.7 m rendered trajectory (320x240, scene 2-4 m away); measured
