@@ -14,8 +14,9 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 OFFICIAL_NAMES = frozenset({"superpoint_v1.pth", "superglue_indoor.pth", "superglue_outdoor.pth"})
 # SuperGlue learns one SuperPoint's descriptors: the SuperPoint file each known SuperGlue file was
 # trained on (ours v1: on v2's features, then measured on v3, v2's fine-tune; v2: v1 fine-tuned on
-# v4's features; weights/README.md).
-SUPERGLUE_FEATURES = {"superglue_ours_v2.pth": "superpoint_ours_v4.pth",
+# v4's features; v3: v2's first layer pair fine-tuned on them; weights/README.md).
+SUPERGLUE_FEATURES = {"superglue_ours_v3.pth": "superpoint_ours_v4.pth",
+                      "superglue_ours_v2.pth": "superpoint_ours_v4.pth",
                       "superglue_ours_v1.pth": "superpoint_ours_v3.pth",
                       "superglue_indoor.pth": "superpoint_v1.pth", "superglue_outdoor.pth": "superpoint_v1.pth"}
 

@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: superpoint when its weights are shipped, else orb")
     p.add_argument("--matcher", choices=("superglue", "mnn"), default="mnn",
                    help="mutual nearest neighbours (default) or SuperGlue (weights/superglue_*.pth); "
-                        "SuperGlue is not the default yet: it loses on KITTI monocular (weights/README.md)")
+                        "SuperGlue is not the default yet: it loses on TUM monocular (weights/README.md)")
     p.add_argument("--triangulation", choices=("epipolar", "matcher"), default="epipolar",
                    help="pair keyframes for new map points by descriptor search along epipolar lines "
                         "(default) or with the matcher (SuperGlue's context, one call per neighbour)")
