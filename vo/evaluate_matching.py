@@ -292,7 +292,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args) -> str:
     from models.classical import SIFT
     from models.superpoint import SuperPoint
-    from models.weights import WeightsError, default_weights_or_none, superglue_features
+    from models.weights import WeightsError, default_weights_or_none, superglue_pair
     from vo.datasets.real_images import held_out_images
 
     if not args.data.is_dir():
@@ -301,7 +301,7 @@ def run(args) -> str:
         shipped = default_weights_or_none("superglue_*.pth")
         superglues = args.superglue or ([shipped] if shipped else [])
         # by default, the features the (first) SuperGlue learnt
-        features = args.superpoint or (superglue_features(superglues[0]) if superglues else None)
+        features = superglue_pair(args.superpoint, superglues[0])[0] if superglues else args.superpoint
         superpoint = SuperPoint(weights=features, max_keypoints=args.max_keypoints, precision="fp32")
         matchers = [mutual_nn_matcher(None)] + [mutual_nn_matcher(r) for r in args.ratio]
         matchers += [superglue_matcher(w) for w in superglues]

@@ -472,16 +472,7 @@ class Tracker:
         if ref is None or obs.frame.index - ref.frame.index > self.config.init_max_frames:
             self._set_init_reference(obs, prior)
             return
-        ref_idx, cur_idx = self._match(ref, obs)
-        if self.config.init_mutual_check and self.matcher is not None:
-            agree = agrees_with(ref_idx, cur_idx, *mutual_nearest(ref.features.descriptors,
-                                                                  obs.features.descriptors, self.config))
-            ref_idx, cur_idx = ref_idx[agree], cur_idx[agree]
-        if self.config.init_local_ratio is not None:
-            distinct = locally_distinct(ref.features.descriptors[ref_idx], cur_idx, obs.keypoints,
-                                        obs.features.descriptors, self.config.search_radius,
-                                        self.config.init_local_ratio)
-            ref_idx, cur_idx = ref_idx[distinct], cur_idx[distinct]
+        ref_idx, cur_idx = self._start_map_matches(ref, obs)
         if len(ref_idx) < self.config.init_min_matches:
             self._set_init_reference(obs, prior)
             return
@@ -495,6 +486,20 @@ class Tracker:
         cur_from_ref[:3, 3] *= scale
         self._create_initial_map(ref, obs, self.init_reference_pose, cur_from_ref,
                                  ref_idx[good], cur_idx[good], xyz_ref[good] * scale)
+
+    def _start_map_matches(self, ref: Observation, obs: Observation) -> tuple[np.ndarray, np.ndarray]:
+        """The matches a monocular start map is built from, after the opt-in filters."""
+        cfg = self.config
+        ref_idx, cur_idx = self._match(ref, obs)
+        if cfg.init_mutual_check and self.matcher is not None:
+            agree = agrees_with(ref_idx, cur_idx, *mutual_nearest(ref.features.descriptors,
+                                                                  obs.features.descriptors, cfg))
+            ref_idx, cur_idx = ref_idx[agree], cur_idx[agree]
+        if cfg.init_local_ratio is not None:
+            distinct = locally_distinct(ref.features.descriptors[ref_idx], cur_idx, obs.keypoints,
+                                        obs.features.descriptors, cfg.search_radius, cfg.init_local_ratio)
+            ref_idx, cur_idx = ref_idx[distinct], cur_idx[distinct]
+        return ref_idx, cur_idx
 
     def _set_init_reference(self, obs: Observation, prior: np.ndarray) -> None:
         self.init_reference, self.init_reference_pose = obs, prior
