@@ -247,6 +247,15 @@ def test_bad_paths_fail_with_one_line(argv, named, capsys):
     assert named in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
+def test_a_negative_nms_radius_is_a_one_line_usage_error(capsys):
+    from vo.evaluate_features import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--nms", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "--nms must be 0 or more" in err[-1]
+
+
 def test_magsac_recovers_the_homographies_plain_ransac_misses_on_our_matches():
     """On held-out Kodak pairs, the shipped SuperPoint's matches carry the homography: MAGSAC++
     finds it where the paper's plain RANSAC often stops a few pixels off (their 1.3 px noise)."""

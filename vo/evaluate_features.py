@@ -277,6 +277,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     parser.add_argument("--threshold", type=float, default=0.005,
                         help="detection threshold of MagicPoint/SuperPoint (default 0.005, as released)")
+    parser.add_argument("--nms", type=int, default=4, metavar="R",
+                        help="NMS radius of MagicPoint/SuperPoint in px (default 4, as released)")
     parser.add_argument("--scales", type=float, nargs="+", default=None, metavar="S",
                         help="SuperPoint image scales, e.g. 1 0.7 (default: 1 only); the best 1000 of all are kept")
     args = parser.parse_args(argv)
@@ -288,17 +290,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--scales {e}")
     if args.pairs < 1:
         parser.error("--pairs must be at least 1")
+    if args.nms < 0:
+        parser.error("--nms must be 0 or more")
     if args.out and not args.out.parent.is_dir():   # fail now, not after minutes of evaluation
         parser.exit(EXIT_BAD_INPUT, f"error: {args.out.parent}: output folder not found\n")
     return args
 
 
 def superpoint_method(name: str, weights, detector_only: bool, threshold: float = 0.005,
-                      scales=(1.0,)) -> Method:
+                      scales=(1.0,), nms_radius: int = 4) -> Method:
     from models.superpoint import SuperPoint
     # fp32 on purpose: the metrics describe the network, not a reduced-precision run.
     model = SuperPoint(weights=weights, max_keypoints=MAX_KEYPOINTS, keypoint_threshold=threshold, precision="fp32",
-                       scales=tuple(scales))
+                       scales=tuple(scales), nms_radius=nms_radius)
     return Method(name, model.extract, detector_only)
 
 
@@ -314,15 +318,16 @@ def build_methods(args) -> tuple[list[Method], list[str]]:
         notes.append("MagicPoint: no shipped weights/magicpoint_*.pth; skipped (pass --magicpoint PATH)")
     else:
         methods.append(superpoint_method(f"MagicPoint ({magicpoint})", magicpoint, detector_only=True,
-                                         threshold=args.threshold))
+                                         threshold=args.threshold, nms_radius=args.nms))
     superpoints = args.superpoint or ([shipped["superpoint"]] if shipped["superpoint"] else [])
     if not superpoints:
         notes.append("SuperPoint: no shipped weights/superpoint_*.pth; skipped (pass --superpoint PATH)")
     scales = tuple(args.scales or (1.0,))
-    at_scales = f", scales {' '.join(f'{s:g}' for s in scales)}" if args.scales else ""
+    settings = f", scales {' '.join(f'{s:g}' for s in scales)}" if args.scales else ""
+    settings += f", NMS {args.nms}" if args.nms != 4 else ""
     for path in superpoints:
-        methods.append(superpoint_method(f"SuperPoint ({path}{at_scales})", path, detector_only=False,
-                                         threshold=args.threshold, scales=scales))
+        methods.append(superpoint_method(f"SuperPoint ({path}{settings})", path, detector_only=False,
+                                         threshold=args.threshold, scales=scales, nms_radius=args.nms))
     methods += [Method("ORB", ORB(max_keypoints=MAX_KEYPOINTS).extract),
                 Method("SIFT", SIFT(max_keypoints=MAX_KEYPOINTS).extract)]
     return methods, notes

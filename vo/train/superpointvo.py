@@ -49,6 +49,7 @@ default_conf = {
     "unstable_weight": 1.0,
     "unstable": "dustbin",               # or "pixel" (see losses.stability_loss)
     "pair_weight": 1.0,                  # of the homography-pair loss (detector + descriptor)
+    "pair_warps": [{}],                  # the pairs' warps, as stage 4's ``warps``
     "min_points": 1,                     # frames with fewer labelled points are left out
     "checkpoint_every": 50,
     "log_every": 10,
@@ -265,7 +266,7 @@ def train(labels_dir: str | Path, run_dir: str | Path, init: str | Path | None =
     def loss_at_step(step: int) -> dict:
         rng = step_rng(conf["seed"], step)
         self_batch = make_selflabelled_batch(frames, rng, conf["batch_size"])
-        pair_batch = superpoint.make_batch(pairs, rng, conf["pair_batch_size"])
+        pair_batch = superpoint.make_batch(pairs, rng, conf["pair_batch_size"], conf["pair_warps"])
         return step_loss(net, self_batch, pair_batch, step, conf)
 
     return fit(net, optimizer, run_dir, conf, out_name, loss_at_step,
