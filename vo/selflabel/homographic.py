@@ -34,16 +34,16 @@ from tqdm import tqdm
 
 from models.superpoint import SuperPoint
 from vo.config import parse_overrides
-from vo.datasets.synthetic_shapes import photometric_augment
-from vo.geometry.homography import inside_mask, pair_conf, sample_homography, warp_image, warp_points
 from vo.datasets.real_images import DEFAULT_DATA
+from vo.datasets.synthetic_shapes import photometric_augment
+from vo.eval.features import CORRECT_DIST, pairwise_distances
+from vo.geometry.homography import inside_mask, pair_conf, sample_homography, warp_image, warp_points
 from vo.train.common import UnknownOption, merge_conf
 from vo.train.superpointvo import cover
 
 from .labels import add_entry, load_manifest, save_labels, save_manifest
 
 EXIT_BAD_INPUT = 2
-CORRECT_PX = 3.0   # a re-detection counts within this distance (the evaluation's correctness radius)
 
 default_conf = {
     "image_size": (240, 320),   # images are scaled (aspect kept) to cover this, as the fine-tune crops them
@@ -70,15 +70,14 @@ def redetection_distances(keypoints: np.ndarray, warped_detections: list[np.ndar
         if not len(detections):
             out[seen, k] = np.inf
             continue
-        d = np.linalg.norm(projected[seen, None, :] - detections[None, :, :], axis=-1)
-        out[seen, k] = d.min(axis=1)
+        out[seen, k] = pairwise_distances(projected[seen], detections).min(axis=1)
     return out
 
 
 def label_points(distances: np.ndarray, conf: dict) -> tuple[np.ndarray, np.ndarray]:
     """Labels (1 stable, 0 unstable, -1 neither) and median re-detection distance of each point."""
     n_views = (~np.isnan(distances)).sum(1)
-    hit = np.nan_to_num(distances, nan=np.inf) <= CORRECT_PX
+    hit = np.nan_to_num(distances, nan=np.inf) <= CORRECT_DIST   # re-detected: the evaluation's radius
     repeat = hit.sum(1) / np.maximum(n_views, 1)
     median = np.full(len(distances), np.inf)
     found = hit.any(1)
