@@ -11,7 +11,7 @@ sees exactly those features, in one run:
     (matched within 3 px, unmatched beyond 5 px; ignored keypoints count for neither);
   * ScanNet pairs (SuperGlue's 15 sample pairs), resized to 640x480 with K scaled to
     match: relative-pose AUC at 5 / 10 / 20 degrees, the pose from an essential matrix
-    by RANSAC (OpenCV, 1 px at 640x480, as SuperGlue's evaluation), the error being the
+    by LO-RANSAC (pycolmap, 1 px at 640x480, SuperGlue's threshold), the error being the
     larger of the rotation and the translation-direction angles;
   * HPatches v_churchill (1 against 2..6, 640x480): homography accuracy at 1 / 3 / 5 px
     (mean corner error, RANSAC 3 px), as `vo.evaluate_features`.
@@ -30,6 +30,7 @@ from typing import Callable
 
 import cv2
 import numpy as np
+import pycolmap
 import torch
 from tqdm import tqdm
 
@@ -114,28 +115,28 @@ def read_scannet_pairs(folder: Path, size_hw=SCANNET_SIZE_HW) -> list[PosePair]:
 # ----------------------------------------------------------------------------- relative pose
 
 def estimate_pose(kp0: np.ndarray, kp1: np.ndarray, K0: np.ndarray, K1: np.ndarray,
-                  threshold_px: float = POSE_RANSAC_PX, confidence: float = 0.99999):
-    """(R, t) with x1 = R x0 + t (t unit length) from matched pixels, or None (SuperGlue's estimate_pose).
+                  threshold_px: float = POSE_RANSAC_PX, confidence: float = 0.99999, seed: int = 0):
+    """(R, t) with x1 = R x0 + t (t unit length) from matched pixels, or None.
 
-    Points are normalised by K so both cameras share one threshold, the pixel one divided
-    by the mean focal length; of the essential-matrix candidates the one with most points
-    in front of both cameras wins.
+    pycolmap's LO-RANSAC essential matrix (the tracker's estimator) with a pixel threshold on
+    each camera, decomposed by the cheirality check. SuperGlue's evaluation calls OpenCV's
+    findEssentialMat instead, which in OpenCV 5.1 fails an assertion on most real pairs.
     """
     if len(kp0) < 5:
         return None
-    f_mean = np.mean([K0[0, 0], K0[1, 1], K1[0, 0], K1[1, 1]])
-    norm0 = (kp0 - K0[[0, 1], [2, 2]]) / K0[[0, 1], [0, 1]]
-    norm1 = (kp1 - K1[[0, 1], [2, 2]]) / K1[[0, 1], [0, 1]]
-    E, mask = cv2.findEssentialMat(norm0, norm1, np.eye(3), method=cv2.RANSAC, prob=confidence,
-                                   threshold=threshold_px / f_mean)
-    if E is None:
+    options = pycolmap.RANSACOptions()
+    options.max_error, options.confidence, options.random_seed = threshold_px, confidence, seed
+    answer = pycolmap.estimate_essential_matrix(kp0, kp1, pinhole_camera(K0), pinhole_camera(K1), options)
+    if answer is None:
         return None
-    best, best_count = None, 0
-    for candidate in np.split(E, len(E) // 3):
-        count, R, t, _ = cv2.recoverPose(candidate, norm0, norm1, np.eye(3), 1e9, mask=mask)
-        if count > best_count:
-            best, best_count = (R, t[:, 0]), count
-    return best
+    pose = answer["cam2_from_cam1"]
+    return pose.rotation.matrix(), pose.translation / max(np.linalg.norm(pose.translation), 1e-12)
+
+
+def pinhole_camera(K: np.ndarray) -> pycolmap.Camera:
+    """A PINHOLE camera for pycolmap; its size only bounds the principal point, so twice it is enough."""
+    return pycolmap.Camera(model="PINHOLE", width=int(2 * K[0, 2]), height=int(2 * K[1, 2]),
+                           params=[K[0, 0], K[1, 1], K[0, 2], K[1, 2]])
 
 
 def angle_between(v0: np.ndarray, v1: np.ndarray) -> float:
