@@ -27,6 +27,9 @@ default_conf = {
     "remove_borders": 4,
     "cell": 8,
     "subpixel": True,        # refine peaks by a quadratic fit on the log-heatmap (not in the paper)
+    # Drop peaks whose log-heatmap curves less than this along its flattest direction (None keeps
+    # all; not in the paper). Flat-sided peaks, on edges, localise worst: SIFT's edge test, on the heatmap.
+    "min_peak_curvature": None,
     # Image scales to detect and describe at, e.g. (1.0, 0.7): the best max_keypoints over all of
     # them are kept, so points also match across zoom (not in the paper, which runs at 1.0 only).
     "scales": (1.0,),
@@ -207,6 +210,26 @@ def refine_subpixel(heatmap: torch.Tensor, keypoints: torch.Tensor) -> torch.Ten
     return keypoints + torch.stack([dx, dy], dim=1)
 
 
+def peak_curvature(heatmap: torch.Tensor, keypoints: torch.Tensor) -> torch.Tensor:
+    """Smaller principal curvature of -log(heatmap) at integer (N,2) x,y peaks of one (H,W) heatmap.
+
+    Large on both axes at a corner-like peak; near 0 where the peak runs along a ridge, whose
+    position along it the network cannot pin down.
+    """
+    if len(keypoints) == 0:
+        return keypoints.new_zeros(0)
+    height, width = heatmap.shape
+    logp = heatmap.clamp_min(1e-6).log()
+    x, y = keypoints[:, 0].long(), keypoints[:, 1].long()
+    xl, xr = (x - 1).clamp(0, width - 1), (x + 1).clamp(0, width - 1)
+    yu, yd = (y - 1).clamp(0, height - 1), (y + 1).clamp(0, height - 1)
+    centre = logp[y, x]
+    dxx = 2 * centre - logp[y, xl] - logp[y, xr]
+    dyy = 2 * centre - logp[yu, x] - logp[yd, x]
+    dxy = -(logp[yd, xr] - logp[yd, xl] - logp[yu, xr] + logp[yu, xl]) / 4
+    return (dxx + dyy) / 2 - torch.sqrt(((dxx - dyy) / 2) ** 2 + dxy ** 2)
+
+
 def sample_descriptors(keypoints: torch.Tensor, descriptors: torch.Tensor, cell: int = 8) -> torch.Tensor:
     """Bilinearly sample (B,D,h,w) descriptors at (B,N,2) pixel keypoints -> (B,N,D), unit length.
 
@@ -318,8 +341,7 @@ class SuperPoint:
         peaks = simple_nms(heatmaps, self.conf["nms_radius"])
         out = []
         for heatmap, peak_map, desc in zip(heatmaps, peaks, descriptors):
-            kpts, scores = select_keypoints(peak_map, self.conf["keypoint_threshold"],
-                                            self.conf["remove_borders"], self.conf["max_keypoints"])
+            kpts, scores = self.select(heatmap, peak_map)
             if self.conf["subpixel"]:
                 kpts = refine_subpixel(heatmap, kpts)
             desc = sample_descriptors(kpts[None], desc[None], self.conf["cell"])[0]
@@ -327,6 +349,19 @@ class SuperPoint:
             kpts = (kpts + 0.5) * to_original - 0.5 if scale != 1.0 else kpts
             out.append({"keypoints": kpts, "scores": scores, "descriptors": desc, "image_size": size})
         return out
+
+    def select(self, heatmap: torch.Tensor, peak_map: torch.Tensor):
+        """Keypoints (N,2) and scores (N,) of one heatmap, best first, after the curvature test if set."""
+        min_curvature, max_keypoints = self.conf["min_peak_curvature"], self.conf["max_keypoints"]
+        kpts, scores = select_keypoints(peak_map, self.conf["keypoint_threshold"], self.conf["remove_borders"],
+                                        max_keypoints if min_curvature is None else -1)
+        if min_curvature is None:
+            return kpts, scores
+        sharp = peak_curvature(heatmap, kpts) >= min_curvature
+        kpts, scores = kpts[sharp], scores[sharp]
+        if 0 <= max_keypoints < len(scores):
+            kpts, scores = kpts[:max_keypoints], scores[:max_keypoints]   # already best first
+        return kpts, scores
 
     def network(self, images: torch.Tensor):
         """The module to run: the float network, or its int8 copy calibrated on ``images``."""

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.superpoint import (SuperPoint, SuperPointNet, logits_to_heatmap, refine_subpixel, sample_descriptors,
+from models.superpoint import (SuperPoint, SuperPointNet, logits_to_heatmap, peak_curvature, refine_subpixel,
+                               sample_descriptors,
                                select_keypoints, simple_nms)
 from models.weights import WeightsError
 
@@ -208,6 +209,33 @@ def test_subpixel_refinement_stays_within_half_a_pixel_on_flat_or_border_peaks()
     refined = refine_subpixel(heatmap, peaks)
     assert (refined - peaks).abs().max() <= 0.5
     assert torch.equal(refined[1], peaks[1])
+
+
+def test_peak_curvature_is_the_flattest_axis_of_a_rotated_gaussian_peak():
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    angle, sigma_long, sigma_short = 0.6, 3.0, 1.0
+    u = (xs - 16) * np.cos(angle) + (ys - 16) * np.sin(angle)
+    v = -(xs - 16) * np.sin(angle) + (ys - 16) * np.cos(angle)
+    elongated = 0.5 * torch.exp(-u ** 2 / (2 * sigma_long ** 2) - v ** 2 / (2 * sigma_short ** 2))
+    round_peak = 0.5 * torch.exp(-((xs - 16) ** 2 + (ys - 16) ** 2) / (2 * sigma_short ** 2))
+    peak = torch.tensor([[16.0, 16.0]])
+    # -log of a Gaussian is a quadratic: its curvatures are 1 / sigma^2, exact in finite differences
+    assert peak_curvature(elongated, peak).item() == pytest.approx(1 / sigma_long ** 2, rel=0.05)
+    assert peak_curvature(round_peak, peak).item() == pytest.approx(1 / sigma_short ** 2, rel=1e-3)
+
+
+def test_the_curvature_test_drops_ridge_peaks_and_keeps_the_budget(shared_data):
+    image = cv2.imread(str(next((shared_data / "hpatches" / "v_churchill").glob("1.*"))), cv2.IMREAD_GRAYSCALE)
+    image = cv2.resize(image, (640, 480), interpolation=cv2.INTER_AREA)
+    plain = SuperPoint(max_keypoints=300, precision="fp32")
+    tested = SuperPoint(max_keypoints=300, precision="fp32", min_peak_curvature=1.5)
+    kept, all_points = tested.extract(image), plain.extract(image)
+    assert len(kept["keypoints"]) == 300 and len(all_points["keypoints"]) == 300
+    # the points both keep are the same points, and the test replaced some weak-curvature ones
+    heatmap_points = {tuple(p) for p in all_points["keypoints"].round().int().tolist()}
+    tested_points = {tuple(p) for p in kept["keypoints"].round().int().tolist()}
+    assert 0 < len(tested_points - heatmap_points) < 300
+    assert kept["scores"].min() < all_points["scores"].min()   # it reached deeper into the ranking
 
 
 def test_int8_superpoint_calibrates_on_its_first_input_and_keeps_the_keypoints(shared_data):

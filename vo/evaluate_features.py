@@ -279,6 +279,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="detection threshold of MagicPoint/SuperPoint (default 0.005, as released)")
     parser.add_argument("--nms", type=int, default=4, metavar="R",
                         help="NMS radius of MagicPoint/SuperPoint in px (default 4, as released)")
+    parser.add_argument("--min-curvature", type=float, default=None, metavar="C",
+                        help="SuperPoint: drop peaks whose log-heatmap curves less than C along its flattest axis "
+                             "(default: keep all)")
     parser.add_argument("--scales", type=float, nargs="+", default=None, metavar="S",
                         help="SuperPoint image scales, e.g. 1 0.7 (default: 1 only); the best 1000 of all are kept")
     args = parser.parse_args(argv)
@@ -298,11 +301,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def superpoint_method(name: str, weights, detector_only: bool, threshold: float = 0.005,
-                      scales=(1.0,), nms_radius: int = 4) -> Method:
+                      scales=(1.0,), nms_radius: int = 4, min_peak_curvature: float | None = None) -> Method:
     from models.superpoint import SuperPoint
     # fp32 on purpose: the metrics describe the network, not a reduced-precision run.
     model = SuperPoint(weights=weights, max_keypoints=MAX_KEYPOINTS, keypoint_threshold=threshold, precision="fp32",
-                       scales=tuple(scales), nms_radius=nms_radius)
+                       scales=tuple(scales), nms_radius=nms_radius, min_peak_curvature=min_peak_curvature)
     return Method(name, model.extract, detector_only)
 
 
@@ -325,9 +328,11 @@ def build_methods(args) -> tuple[list[Method], list[str]]:
     scales = tuple(args.scales or (1.0,))
     settings = f", scales {' '.join(f'{s:g}' for s in scales)}" if args.scales else ""
     settings += f", NMS {args.nms}" if args.nms != 4 else ""
+    settings += f", curvature >= {args.min_curvature:g}" if args.min_curvature is not None else ""
     for path in superpoints:
         methods.append(superpoint_method(f"SuperPoint ({path}{settings})", path, detector_only=False,
-                                         threshold=args.threshold, scales=scales, nms_radius=args.nms))
+                                         threshold=args.threshold, scales=scales, nms_radius=args.nms,
+                                         min_peak_curvature=args.min_curvature))
     methods += [Method("ORB", ORB(max_keypoints=MAX_KEYPOINTS).extract),
                 Method("SIFT", SIFT(max_keypoints=MAX_KEYPOINTS).extract)]
     return methods, notes

@@ -326,7 +326,7 @@ def run(args) -> str:
               f"held-out Kodak24 pairs at 480x640, random "
               f"'strong' homographies (seed {args.seed}) + photometric; a match is correct within 3 px. "
               f"AUC (%) and median pose error (max of the rotation and translation-direction angles): "
-              f"{len(scannet)} ScanNet pairs at 640x480, essential matrix by RANSAC "
+              f"{len(scannet)} ScanNet pairs at 640x480, essential matrix by LO-RANSAC (pycolmap) "
               f"({POSE_RANSAC_PX:g} px); paper (1500 pairs): {paper}. "
               f"H ε: HPatches v_churchill 1 vs 2..6 at 640x480, fraction of pairs with mean corner error <= ε px "
               f"(the paper's plain RANSAC and MAGSAC++, both 3 px, on the same matches).")
