@@ -192,6 +192,17 @@ def parabola_vertex(f_minus: torch.Tensor, f_centre: torch.Tensor, f_plus: torch
     return torch.where(curvature < 0, step, torch.zeros_like(step)).clamp(-0.5, 0.5)
 
 
+def log_neighbourhood(heatmap: torch.Tensor, keypoints: torch.Tensor) -> torch.Tensor:
+    """(N,3,3) log-heatmap around integer (N,2) x,y peaks of one (H,W) heatmap, [row dy+1, col dx+1];
+    rows and columns past the border repeat the edge."""
+    height, width = heatmap.shape
+    logp = heatmap.clamp_min(1e-6).log()
+    offsets = torch.arange(-1, 2, device=heatmap.device)
+    x = (keypoints[:, 0].long()[:, None] + offsets).clamp(0, width - 1)
+    y = (keypoints[:, 1].long()[:, None] + offsets).clamp(0, height - 1)
+    return logp[y[:, :, None], x[:, None, :]]
+
+
 def refine_subpixel(heatmap: torch.Tensor, keypoints: torch.Tensor) -> torch.Tensor:
     """Move integer (N,2) x,y peaks of one (H,W) heatmap to the vertex of a 1D parabola per axis.
 
@@ -199,14 +210,9 @@ def refine_subpixel(heatmap: torch.Tensor, keypoints: torch.Tensor) -> torch.Ten
     """
     if len(keypoints) == 0:
         return keypoints
-    height, width = heatmap.shape
-    logp = heatmap.clamp_min(1e-6).log()
-    x, y = keypoints[:, 0].long(), keypoints[:, 1].long()
-    left, right = (x - 1).clamp(0, width - 1), (x + 1).clamp(0, width - 1)
-    up, down = (y - 1).clamp(0, height - 1), (y + 1).clamp(0, height - 1)
-    centre = logp[y, x]
-    dx = parabola_vertex(logp[y, left], centre, logp[y, right])
-    dy = parabola_vertex(logp[up, x], centre, logp[down, x])
+    patch = log_neighbourhood(heatmap, keypoints)
+    dx = parabola_vertex(patch[:, 1, 0], patch[:, 1, 1], patch[:, 1, 2])
+    dy = parabola_vertex(patch[:, 0, 1], patch[:, 1, 1], patch[:, 2, 1])
     return keypoints + torch.stack([dx, dy], dim=1)
 
 
@@ -218,15 +224,10 @@ def peak_curvature(heatmap: torch.Tensor, keypoints: torch.Tensor) -> torch.Tens
     """
     if len(keypoints) == 0:
         return keypoints.new_zeros(0)
-    height, width = heatmap.shape
-    logp = heatmap.clamp_min(1e-6).log()
-    x, y = keypoints[:, 0].long(), keypoints[:, 1].long()
-    xl, xr = (x - 1).clamp(0, width - 1), (x + 1).clamp(0, width - 1)
-    yu, yd = (y - 1).clamp(0, height - 1), (y + 1).clamp(0, height - 1)
-    centre = logp[y, x]
-    dxx = 2 * centre - logp[y, xl] - logp[y, xr]
-    dyy = 2 * centre - logp[yu, x] - logp[yd, x]
-    dxy = -(logp[yd, xr] - logp[yd, xl] - logp[yu, xr] + logp[yu, xl]) / 4
+    p = log_neighbourhood(heatmap, keypoints)
+    dxx = 2 * p[:, 1, 1] - p[:, 1, 0] - p[:, 1, 2]
+    dyy = 2 * p[:, 1, 1] - p[:, 0, 1] - p[:, 2, 1]
+    dxy = -(p[:, 2, 2] - p[:, 2, 0] - p[:, 0, 2] + p[:, 0, 0]) / 4
     return (dxx + dyy) / 2 - torch.sqrt(((dxx - dyy) / 2) ** 2 + dxy ** 2)
 
 
