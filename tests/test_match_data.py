@@ -271,7 +271,7 @@ def test_pose_evaluation_recovers_a_known_relative_pose():
 
 def test_pose_estimation_survives_real_wide_baseline_matches():
     """OpenCV 5.1's findEssentialMat fails an assertion on these pairs' SIFT matches, mostly wrong
-    ones; the evaluator's estimator must answer a pose (or None), never raise."""
+    ones; the evaluator's estimator must answer a proper pose for them, never raise."""
     import cv2
     from vo.evaluate_matching import estimate_pose, pose_error, read_scannet_pairs
 

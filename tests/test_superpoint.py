@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from models.superpoint import (SuperPoint, SuperPointNet, logits_to_heatmap, peak_curvature, refine_subpixel,
-                               sample_descriptors,
-                               select_keypoints, simple_nms)
+                               sample_descriptors, select_keypoints, simple_nms)
 from models.weights import WeightsError
 
 ROOT = Path(__file__).resolve().parent.parent

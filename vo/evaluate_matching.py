@@ -38,6 +38,7 @@ from vo.eval import features as F
 from vo.eval.metrics import rotation_angle_deg
 from vo.evaluate_features import (HPATCHES_SEQUENCE, InputError, print_report, Pair, hpatches_pairs, strong_conf,
                                   synthetic_pairs)
+from vo.types import Camera
 
 EXIT_BAD_INPUT = 2
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -133,10 +134,9 @@ def estimate_pose(kp0: np.ndarray, kp1: np.ndarray, K0: np.ndarray, K1: np.ndarr
     return pose.rotation.matrix(), pose.translation / max(np.linalg.norm(pose.translation), 1e-12)
 
 
-def pinhole_camera(K: np.ndarray) -> pycolmap.Camera:
-    """A PINHOLE camera for pycolmap; its size only bounds the principal point, so twice it is enough."""
-    return pycolmap.Camera(model="PINHOLE", width=int(2 * K[0, 2]), height=int(2 * K[1, 2]),
-                           params=[K[0, 0], K[1, 1], K[0, 2], K[1, 2]])
+def pinhole_camera(K: np.ndarray):
+    """``K`` as a pycolmap camera; its size only bounds the principal point, so twice it is enough."""
+    return Camera(K[0, 0], K[1, 1], K[0, 2], K[1, 2], width=int(2 * K[0, 2]), height=int(2 * K[1, 2])).to_colmap()
 
 
 def angle_between(v0: np.ndarray, v1: np.ndarray) -> float:
