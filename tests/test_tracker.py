@@ -359,3 +359,12 @@ def test_start_map_cross_check_keeps_the_matches_mutual_nn_makes_too():
     mnn0, mnn1 = np.array([5, 0, 2, 8]), np.array([9, 3, 6, 1])   # agrees on 0->3 and 5->9, not on 2
     assert agrees_with(matcher0, matcher1, mnn0, mnn1).tolist() == [True, False, False, True]
     assert agrees_with(matcher0[:0], matcher1[:0], mnn0, mnn1).shape == (0,)
+
+
+def test_start_map_cross_check_is_on_for_a_learnt_matcher_and_off_for_mutual_nn():
+    """``init_mutual_check=None`` (the default) checks SuperGlue's start-map matches, not mutual NN's own."""
+    camera = Camera(500.0, 500.0, 320.0, 240.0, width=640, height=480)
+    learnt = object()   # stands for SuperGlue: any matcher that is not mutual NN
+    checks = lambda matcher, **kw: Tracker(camera, "mono", TrackerConfig(**kw), matcher)._cross_checks_start_map()  # noqa: E731
+    assert checks(learnt) and not checks(build_matcher("mnn")) and not checks(None)
+    assert not checks(learnt, init_mutual_check=False) and checks(build_matcher("mnn"), init_mutual_check=True)

@@ -36,9 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("mono", "stereo", "rgbd"), help="default: the richest the source allows")
     p.add_argument("--features", choices=("superpoint", "superpointvo", "orb", "sift"),
                    help="default: superpoint when its weights are shipped, else orb")
-    p.add_argument("--matcher", choices=("superglue", "mnn"), default="mnn",
-                   help="mutual nearest neighbours (default) or SuperGlue (weights/superglue_*.pth); "
-                        "SuperGlue is not the default yet: it loses on TUM monocular (weights/README.md)")
+    p.add_argument("--matcher", choices=("superglue", "mnn"),
+                   help="SuperGlue (weights/superglue_*.pth) or mutual nearest neighbours; default: SuperGlue for "
+                        "SuperPoint features when a shipped SuperGlue learnt them, else mutual NN")
     p.add_argument("--triangulation", choices=("epipolar", "matcher"), default="epipolar",
                    help="pair keyframes for new map points by descriptor search along epipolar lines "
                         "(default) or with the matcher (SuperGlue's context, one call per neighbour)")
@@ -109,16 +109,28 @@ def superglue_files(args) -> tuple[Path | None, Path]:
         raise UsageError(f"{e}; pass a weights folder" if named else str(e)) from None
 
 
+def default_matcher(args, features: str) -> str:
+    """SuperGlue for SuperPoint features when a SuperGlue file learnt them, else mutual NN."""
+    if features != "superpoint":
+        return "mnn"
+    try:
+        superglue_files(args)
+    except UsageError:
+        return "mnn"
+    return "superglue"
+
+
 def build_frontend(args) -> Frontend:
     from models import build_extractor, build_matcher
     from models.superpoint import checked_scales
     features, files = args.features, []
     sp_weights = shipped("superpoint_*.pth", args.weights)
-    sg_features, sg_weights = superglue_files(args) if args.matcher == "superglue" else (None, None)
     if features is None:
         features = "superpoint" if sp_weights else "orb"
         if not sp_weights:
             print("note: no SuperPoint weights shipped yet; using ORB features (see weights/README.md)")
+    matcher_name = args.matcher or default_matcher(args, features)
+    sg_features, sg_weights = superglue_files(args) if matcher_name == "superglue" else (None, None)
     if features.startswith("superpoint"):
         try:
             scales = checked_scales(args.scales)
@@ -135,7 +147,6 @@ def build_frontend(args) -> Frontend:
         files.append(path.name)
     else:
         extractor = build_extractor(features, max_keypoints=max(args.max_keypoints, 1500))
-    matcher_name = args.matcher
     if matcher_name == "superglue":
         matcher = build_matcher("superglue", weights=sg_weights)
         files.append(sg_weights.name)

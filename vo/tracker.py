@@ -97,9 +97,9 @@ class TrackerConfig:
     init_local_ratio: float | None = None
     # True: of the injected matcher's start-map matches keep those that are also mutual nearest
     # descriptor neighbours within max_descriptor_distance (a cross-check of the two matchers).
-    # With SuperGlue it trims KITTI 06 mono's blow-ups but leaves it level with mutual NN, so it
-    # is off by default (weights/README.md, SuperGlue v2).
-    init_mutual_check: bool = False
+    # None: on for a learnt matcher (SuperGlue), where it trims KITTI 06 mono's blow-ups; mutual NN
+    # needs no check against itself (weights/README.md, SuperGlue v3).
+    init_mutual_check: bool | None = None
     # Relocalisation.
     reloc_keyframes: int = 5
     reloc_min_inliers: int = 30
@@ -491,7 +491,7 @@ class Tracker:
         """The matches a monocular start map is built from, after the opt-in filters."""
         cfg = self.config
         ref_idx, cur_idx = self._match(ref, obs)
-        if cfg.init_mutual_check and self.matcher is not None:
+        if self._cross_checks_start_map():
             agree = agrees_with(ref_idx, cur_idx, *mutual_nearest(ref.features.descriptors,
                                                                   obs.features.descriptors, cfg))
             ref_idx, cur_idx = ref_idx[agree], cur_idx[agree]
@@ -500,6 +500,14 @@ class Tracker:
                                         obs.features.descriptors, cfg.search_radius, cfg.init_local_ratio)
             ref_idx, cur_idx = ref_idx[distinct], cur_idx[distinct]
         return ref_idx, cur_idx
+
+    def _cross_checks_start_map(self) -> bool:
+        """``init_mutual_check``, with None resolved by the matcher: on unless it is mutual NN."""
+        from models.nn_matcher import MutualNN
+        if self.matcher is None:
+            return False
+        check = self.config.init_mutual_check
+        return not isinstance(self.matcher, MutualNN) if check is None else bool(check)
 
     def _set_init_reference(self, obs: Observation, prior: np.ndarray) -> None:
         self.init_reference, self.init_reference_pose = obs, prior
