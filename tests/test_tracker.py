@@ -365,6 +365,9 @@ def test_start_map_cross_check_is_on_for_a_learnt_matcher_and_off_for_mutual_nn(
     """``init_mutual_check=None`` (the default) checks SuperGlue's start-map matches, not mutual NN's own."""
     camera = Camera(500.0, 500.0, 320.0, 240.0, width=640, height=480)
     learnt = object()   # stands for SuperGlue: any matcher that is not mutual NN
-    checks = lambda matcher, **kw: Tracker(camera, "mono", TrackerConfig(**kw), matcher)._cross_checks_start_map()  # noqa: E731
+
+    def checks(matcher, **conf) -> bool:
+        return Tracker(camera, "mono", TrackerConfig(**conf), matcher)._cross_checks_start_map()
+
     assert checks(learnt) and not checks(build_matcher("mnn")) and not checks(None)
     assert not checks(learnt, init_mutual_check=False) and checks(build_matcher("mnn"), init_mutual_check=True)

@@ -488,7 +488,7 @@ class Tracker:
                                  ref_idx[good], cur_idx[good], xyz_ref[good] * scale)
 
     def _start_map_matches(self, ref: Observation, obs: Observation) -> tuple[np.ndarray, np.ndarray]:
-        """The matches a monocular start map is built from, after the opt-in filters."""
+        """The matches a monocular start map is built from, after the cross-check and the local ratio test."""
         cfg = self.config
         ref_idx, cur_idx = self._match(ref, obs)
         if self._cross_checks_start_map():
