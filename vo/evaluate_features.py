@@ -327,6 +327,7 @@ def build_methods(args) -> tuple[list[Method], list[str]]:
         notes.append("SuperPoint: no shipped weights/superpoint_*.pth; skipped (pass --superpoint PATH)")
     scales = tuple(args.scales or (1.0,))
     settings = f", scales {' '.join(f'{s:g}' for s in scales)}" if args.scales else ""
+    settings += f", threshold {args.threshold:g}" if args.threshold != 0.005 else ""
     settings += f", NMS {args.nms}" if args.nms != 4 else ""
     settings += f", curvature >= {args.min_curvature:g}" if args.min_curvature is not None else ""
     for path in superpoints:
