@@ -109,15 +109,17 @@ def superglue_files(args) -> tuple[Path | None, Path]:
         raise UsageError(f"{e}; pass a weights folder" if named else str(e)) from None
 
 
-def default_matcher(args, features: str) -> str:
-    """SuperGlue for SuperPoint features when a SuperGlue file learnt them, else mutual NN."""
-    if features != "superpoint":
-        return "mnn"
+def choose_matcher(args, features: str) -> tuple[str, Path | None, Path | None]:
+    """The matcher's name and, for SuperGlue, its SuperPoint and SuperGlue files: --matcher, else
+    SuperGlue for SuperPoint features a SuperGlue file learnt, else mutual NN."""
+    if args.matcher == "mnn" or (args.matcher is None and features != "superpoint"):
+        return "mnn", None, None
     try:
-        superglue_files(args)
+        return ("superglue", *superglue_files(args))
     except UsageError:
-        return "mnn"
-    return "superglue"
+        if args.matcher == "superglue":
+            raise
+        return "mnn", None, None
 
 
 def build_frontend(args) -> Frontend:
@@ -129,8 +131,7 @@ def build_frontend(args) -> Frontend:
         features = "superpoint" if sp_weights else "orb"
         if not sp_weights:
             print("note: no SuperPoint weights shipped yet; using ORB features (see weights/README.md)")
-    matcher_name = args.matcher or default_matcher(args, features)
-    sg_features, sg_weights = superglue_files(args) if matcher_name == "superglue" else (None, None)
+    matcher_name, sg_features, sg_weights = choose_matcher(args, features)
     if features.startswith("superpoint"):
         try:
             scales = checked_scales(args.scales)
