@@ -269,3 +269,24 @@ def test_a_run_keeps_each_export_when_asked(tmp_path):
     first, last = torch.load(tmp_path / "export_2.pth"), torch.load(tmp_path / "export_4.pth")
     assert all(torch.equal(last[k], v) for k, v in torch.load(final).items())
     assert not torch.equal(first["conv1a.weight"], last["conv1a.weight"])   # two different states
+
+
+def test_covariance_loss_is_zero_for_heatmaps_that_move_with_the_warp_and_positive_otherwise():
+    ys, xs = torch.meshgrid(torch.arange(40.0), torch.arange(60.0), indexing="ij")
+
+    def blobs(shift_x: float) -> torch.Tensor:   # two peaks, Gaussian-shaped, moved right by shift_x
+        return sum(torch.exp(-((xs - cx - shift_x) ** 2 + (ys - cy) ** 2) / 2.0) for cx, cy in [(20, 15), (40, 25)])
+
+    labels = torch.zeros(1, 40, 60, dtype=torch.bool)
+    labels[0, 15, 20] = labels[0, 25, 40] = True
+    shift = torch.tensor([[[1.0, 0.0, 1.5], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+    heat0, moved = blobs(0.0)[None], blobs(1.5)[None]
+    # Bilinear sampling of a smooth heatmap moved by H reads image 0's values back (to its blur).
+    assert losses.covariance_loss(heat0, moved, labels, shift) < 0.01
+    assert losses.covariance_loss(heat0, heat0, labels, torch.eye(3)[None]) == pytest.approx(0.0, abs=1e-6)
+    # A heatmap that stayed where it was, though the image moved, is penalised.
+    assert losses.covariance_loss(heat0, heat0, labels, shift) > 0.1
+    # A window that leaves the image carries no loss (and no NaN).
+    edge = torch.zeros_like(labels)
+    edge[0, 1, 1] = True
+    assert losses.covariance_loss(heat0, heat0, edge, shift) == 0.0

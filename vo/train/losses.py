@@ -154,3 +154,62 @@ def stability_loss(logits: torch.Tensor, label_map: torch.Tensor, cell: int = 8,
     total = (positive * positive_w).sum() + unstable_weight * (negative * negative_w).sum()
     count = positive_w.sum() + unstable_weight * negative_count.sum()
     return total / count.clamp(min=1.0)
+
+
+def window_offsets(radius: int, device=None) -> torch.Tensor:
+    """((2r+1)^2, 2) integer x,y offsets of a square window, row-major."""
+    r = torch.arange(-radius, radius + 1, device=device)
+    dy, dx = torch.meshgrid(r, r, indexing="ij")
+    return torch.stack([dx, dy], dim=-1).reshape(-1, 2)
+
+
+def bilinear_at(maps: torch.Tensor, batch_index: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of (B,H,W) maps at (N,K,2) pixel x,y of images ``batch_index`` (N,) -> (N,K)."""
+    height, width = maps.shape[-2:]
+    x = points[..., 0].clamp(0, width - 1)
+    y = points[..., 1].clamp(0, height - 1)
+    x0 = x.floor().clamp(max=width - 2).long()
+    y0 = y.floor().clamp(max=height - 2).long()
+    fx, fy = x - x0, y - y0
+    b = batch_index[:, None].expand_as(x0)
+
+    def at(yy, xx):
+        return maps[b, yy, xx]
+
+    top = at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx
+    bottom = at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def covariance_loss(heat0: torch.Tensor, heat1: torch.Tensor, labels0: torch.Tensor,
+                    homographies: torch.Tensor, radius: int = 3) -> torch.Tensor:
+    """Heatmap covariance around the labelled keypoints (not in the SuperPoint paper).
+
+    R2D2's repeatability loss (Revaud et al. 2019), restricted to windows around the labels:
+    1 - cosine similarity of the (2r+1)^2 heatmap values around each keypoint of image 0 and
+    the values of image 1 bilinearly sampled where H (0 -> 1) puts those pixels. It is 0
+    exactly when image 1's heatmap is image 0's moved by H, so it asks for peaks that move
+    with the image, to a fraction of a pixel: what the MLE measures and what the one-hot
+    cross-entropy leaves free. Windows not wholly inside both images carry no loss.
+
+    heat0, heat1: (B,H,W) probabilities (``logits_to_heatmap``); labels0: (B,H,W) bool, image 0's keypoints.
+    """
+    height, width = heat0.shape[-2:]
+    batch_index, ys, xs = torch.nonzero(labels0, as_tuple=True)
+    centres = torch.stack([xs, ys], dim=1).float()                          # (N,2)
+    window = centres[:, None] + window_offsets(radius, heat0.device).float()   # (N,K,2)
+    homog = torch.cat([window, torch.ones_like(window[..., :1])], dim=-1)
+    warped = torch.einsum("nij,nkj->nki", homographies[batch_index].float(), homog)
+    warped = warped[..., :2] / warped[..., 2:].clamp(min=1e-8)
+
+    def inside(points):
+        return ((points[..., 0] >= 0) & (points[..., 0] <= width - 1)
+                & (points[..., 1] >= 0) & (points[..., 1] <= height - 1)).all(dim=1)
+
+    keep = inside(window) & inside(warped)
+    if not keep.any():
+        return heat0.sum() * 0.0
+    batch_index, window, warped = batch_index[keep], window[keep].long(), warped[keep]
+    values0 = heat0[batch_index[:, None], window[..., 1], window[..., 0]]   # (N,K)
+    values1 = bilinear_at(heat1, batch_index, warped)
+    return (1 - F.cosine_similarity(values0, values1, dim=1, eps=1e-8)).mean()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.superpoint import SuperPointNet, build_net, channels_from_state_dict
+from models.superpoint import SuperPointNet, build_net, channels_from_state_dict, logits_to_heatmap
 from models.runtime import autocast, select_precision
 from vo.datasets.real_images import DEFAULT_DATA, load_gray
 from vo.datasets.synthetic_shapes import keypoint_map, photometric_augment, soft_keypoint_map
@@ -41,6 +41,10 @@ default_conf = {
     # sigma (px) around the sub-pixel positions (``soft_keypoint_map``), for labels that carry
     # them (``vo.train adapt --set subpixel=true``) and for the warped image's exact positions.
     "label_sigma": None,
+    # Weight of ``losses.covariance_loss`` (0: the paper's losses only): the heatmap around each
+    # label must move with the warp, which one-hot labels do not ask for below a pixel.
+    "covariance_weight": 0.0,
+    "covariance_radius": 3,   # px; the windows are (2r+1)^2
     "loss": losses.default_conf,
 }
 
@@ -112,7 +116,21 @@ def pair_loss(net, images, kp_maps, homographies, step: int, conf: dict) -> dict
     det1 = losses.detector_loss(logits[b:], labels[b:])
     desc_loss = losses.descriptor_loss(desc[:b], desc[b:], homographies, conf=conf["loss"])
     total = det0 + det1 + conf["loss"]["lambda_loss"] * desc_loss
-    return {"total": total, "det": (det0 + det1) / 2, "desc": desc_loss}
+    parts = {"det": (det0 + det1) / 2, "desc": desc_loss}
+    if conf["covariance_weight"] > 0:
+        parts["cov"] = pair_covariance(logits, kp_maps, homographies, conf["covariance_radius"])
+        total = total + conf["covariance_weight"] * parts["cov"]
+    return {"total": total, **parts}
+
+
+def pair_covariance(logits, kp_maps, homographies, radius: int) -> torch.Tensor:
+    """``losses.covariance_loss`` both ways: around image 0's labels into image 1, and back."""
+    b = len(homographies)
+    heat = logits_to_heatmap(logits)
+    points = kp_maps > 0.5 if kp_maps.is_floating_point() else kp_maps > 0
+    forward_loss = losses.covariance_loss(heat[:b], heat[b:], points[:b], homographies, radius)
+    backward_loss = losses.covariance_loss(heat[b:], heat[:b], points[b:], torch.linalg.inv(homographies), radius)
+    return (forward_loss + backward_loss) / 2
 
 
 def init_net(conf: dict, init: str | Path | None, resume_from: Path | None = None) -> SuperPointNet:
@@ -148,4 +166,5 @@ def train(labels: str | Path, run_dir: str | Path, init: str | Path | None = Non
                            conf["label_sigma"])
         return pair_loss(net, *batch, step, conf)
 
-    return fit(net, optimizer, run_dir, conf, out_name, loss_at_step, {"det": "det", "desc": "desc"})
+    postfix = {"det": "det", "desc": "desc", **({"cov": "cov"} if conf["covariance_weight"] > 0 else {})}
+    return fit(net, optimizer, run_dir, conf, out_name, loss_at_step, postfix)
