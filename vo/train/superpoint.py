@@ -3,7 +3,8 @@
     python -m vo.train superpoint --labels runs/ha_labels/labels.npz --init runs/magicpoint/magicpoint.pth
 
 Each sample is an image with its Homographic Adaptation labels and a random warp
-of it; both get photometric augmentation. Loss: L_p(X,Y) + L_p(X',Y') + lambda L_d.
+of it; both get photometric augmentation. Loss: L_p(X,Y) + L_p(X',Y') + lambda L_d
+(the paper's), plus ``covariance_weight`` times ``losses.covariance_loss`` when asked.
 """
 from __future__ import annotations
 
