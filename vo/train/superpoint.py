@@ -118,7 +118,7 @@ def pair_loss(net, images, kp_maps, homographies, step: int, conf: dict) -> dict
     desc_loss = losses.descriptor_loss(desc[:b], desc[b:], homographies, conf=conf["loss"])
     total = det0 + det1 + conf["loss"]["lambda_loss"] * desc_loss
     parts = {"det": (det0 + det1) / 2, "desc": desc_loss}
-    if conf["covariance_weight"] > 0:
+    if conf.get("covariance_weight", 0) > 0:   # superpointvo's batches go without it
         parts["cov"] = pair_covariance(logits, kp_maps, homographies, conf["covariance_radius"])
         total = total + conf["covariance_weight"] * parts["cov"]
     return {"total": total, **parts}
