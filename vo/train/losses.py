@@ -164,21 +164,19 @@ def window_offsets(radius: int, device=None) -> torch.Tensor:
 
 
 def bilinear_at(maps: torch.Tensor, batch_index: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples of (B,H,W) maps at (N,K,2) pixel x,y of images ``batch_index`` (N,) -> (N,K)."""
+    """Bilinear samples of (B,H,W) maps at (N,K,2) pixel x,y of images ``batch_index`` (N,) -> (N,K).
+
+    ``F.grid_sample`` one image at a time, with the pixel convention of ``sample_descriptors``
+    (align_corners: pixel 0 and W-1 are the edges of the grid).
+    """
     height, width = maps.shape[-2:]
-    x = points[..., 0].clamp(0, width - 1)
-    y = points[..., 1].clamp(0, height - 1)
-    x0 = x.floor().clamp(max=width - 2).long()
-    y0 = y.floor().clamp(max=height - 2).long()
-    fx, fy = x - x0, y - y0
-    b = batch_index[:, None].expand_as(x0)
-
-    def at(yy, xx):
-        return maps[b, yy, xx]
-
-    top = at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx
-    bottom = at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx
-    return top * (1 - fy) + bottom * fy
+    grid = points * points.new_tensor([2 / (width - 1), 2 / (height - 1)]) - 1
+    samples = points.new_zeros(points.shape[:-1])
+    for b in batch_index.unique():
+        rows = batch_index == b
+        samples[rows] = F.grid_sample(maps[b][None, None], grid[rows][None], mode="bilinear",
+                                      align_corners=True)[0, 0]
+    return samples
 
 
 def covariance_loss(heat0: torch.Tensor, heat1: torch.Tensor, labels0: torch.Tensor,
