@@ -290,3 +290,8 @@ def test_covariance_loss_is_zero_for_heatmaps_that_move_with_the_warp_and_positi
     edge = torch.zeros_like(labels)
     edge[0, 1, 1] = True
     assert losses.covariance_loss(heat0, heat0, edge, shift) == 0.0
+    # Centred (Pearson): still zero for the moved heatmap, but two flat windows now cost 1, not 0.
+    assert losses.covariance_loss(heat0, moved, labels, shift, centred=True) < 0.01
+    flat = torch.full_like(heat0, 0.25)   # exact in binary, so the centred window is exactly 0
+    assert losses.covariance_loss(flat, flat, labels, shift) == pytest.approx(0.0, abs=1e-6)
+    assert losses.covariance_loss(flat, flat, labels, shift, centred=True) == pytest.approx(1.0, abs=1e-6)

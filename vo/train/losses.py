@@ -180,7 +180,7 @@ def bilinear_at(maps: torch.Tensor, batch_index: torch.Tensor, points: torch.Ten
 
 
 def covariance_loss(heat0: torch.Tensor, heat1: torch.Tensor, labels0: torch.Tensor,
-                    homographies: torch.Tensor, radius: int = 3) -> torch.Tensor:
+                    homographies: torch.Tensor, radius: int = 3, centred: bool = False) -> torch.Tensor:
     """Heatmap covariance around the labelled keypoints (not in the SuperPoint paper).
 
     R2D2's repeatability loss (Revaud et al. 2019), restricted to windows around the labels:
@@ -189,6 +189,10 @@ def covariance_loss(heat0: torch.Tensor, heat1: torch.Tensor, labels0: torch.Ten
     exactly when image 1's heatmap is image 0's moved by H, so it asks for peaks that move
     with the image, to a fraction of a pixel: what the MLE measures and what the one-hot
     cross-entropy leaves free. Windows not wholly inside both images carry no loss.
+
+    The plain cosine is 1 for two flat windows, so it also rewards flattening the peaks (R2D2
+    pairs it with a peakiness loss for that). ``centred`` takes each window's mean off first
+    (Pearson's correlation): a flat window then scores 0 and its loss is 1.
 
     heat0, heat1: (B,H,W) probabilities (``logits_to_heatmap``); labels0: (B,H,W) bool, image 0's keypoints.
     """
@@ -210,4 +214,7 @@ def covariance_loss(heat0: torch.Tensor, heat1: torch.Tensor, labels0: torch.Ten
     batch_index, window, warped = batch_index[keep], window[keep].long(), warped[keep]
     values0 = heat0[batch_index[:, None], window[..., 1], window[..., 0]]   # (N,K)
     values1 = bilinear_at(heat1, batch_index, warped)
+    if centred:
+        values0 = values0 - values0.mean(dim=1, keepdim=True)
+        values1 = values1 - values1.mean(dim=1, keepdim=True)
     return (1 - F.cosine_similarity(values0, values1, dim=1, eps=1e-8)).mean()

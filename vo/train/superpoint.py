@@ -46,6 +46,7 @@ default_conf = {
     # label must move with the warp, which one-hot labels do not ask for below a pixel.
     "covariance_weight": 0.0,
     "covariance_radius": 3,   # px; the windows are (2r+1)^2
+    "covariance_centred": False,   # Pearson instead of cosine: flat windows are not rewarded
     "loss": losses.default_conf,
 }
 
@@ -119,18 +120,19 @@ def pair_loss(net, images, kp_maps, homographies, step: int, conf: dict) -> dict
     total = det0 + det1 + conf["loss"]["lambda_loss"] * desc_loss
     parts = {"det": (det0 + det1) / 2, "desc": desc_loss}
     if conf.get("covariance_weight", 0) > 0:   # superpointvo's batches go without it
-        parts["cov"] = pair_covariance(logits, kp_maps, homographies, conf["covariance_radius"])
+        parts["cov"] = pair_covariance(logits, kp_maps, homographies, conf["covariance_radius"],
+                                        conf.get("covariance_centred", False))
         total = total + conf["covariance_weight"] * parts["cov"]
     return {"total": total, **parts}
 
 
-def pair_covariance(logits, kp_maps, homographies, radius: int) -> torch.Tensor:
+def pair_covariance(logits, kp_maps, homographies, radius: int, centred: bool = False) -> torch.Tensor:
     """``losses.covariance_loss`` both ways: around image 0's labels into image 1, and back."""
     b = len(homographies)
     heat = logits_to_heatmap(logits)
     points = kp_maps > 0.5 if kp_maps.is_floating_point() else kp_maps > 0
-    forward_loss = losses.covariance_loss(heat[:b], heat[b:], points[:b], homographies, radius)
-    backward_loss = losses.covariance_loss(heat[b:], heat[:b], points[b:], torch.linalg.inv(homographies), radius)
+    forward_loss = losses.covariance_loss(heat[:b], heat[b:], points[:b], homographies, radius, centred)
+    backward_loss = losses.covariance_loss(heat[b:], heat[:b], points[b:], torch.linalg.inv(homographies), radius, centred)
     return (forward_loss + backward_loss) / 2
 
 
