@@ -293,3 +293,20 @@ def test_shipped_default_superpoint_outmatches_the_slim_v3_on_held_out_pairs():
     # measured 2026-12-01: NN mAP v4 0.817, v3 0.693; MAGSAC++ eps=3 v4 1.0 (12 of 12), v3 0.917
     assert summary["v4"]["h_acc_magsac_3"] >= 0.75
     assert summary["v4"]["nn_map"] >= summary["v3"]["nn_map"] + 0.05
+
+
+def test_ransac_draws_start_with_the_single_run_and_vary_only_where_ransac_is_unsure():
+    rng = np.random.default_rng(3)
+    H_gt = np.array([[1.05, 0.02, 10], [0.01, 0.97, -5], [1e-5, 2e-5, 1]])
+    matches = np.stack([np.arange(40)] * 2, 1)
+    exact0 = rng.uniform([0, 0], [639, 479], (40, 2))
+    exact = F.ransac_draw_errors(exact0, F.warp_points(H_gt, exact0), matches, H_gt, SHAPE)
+    assert len(exact) == F.RANSAC_DRAWS and np.all(exact < 0.1)      # exact matches: every draw is right
+    # 40 matches 1.3 px off (our MLE), bunched in a 100 px square: corners far off it are extrapolated.
+    kp0 = rng.uniform([200, 150], [300, 250], (40, 2))
+    kp1 = F.warp_points(H_gt, kp0) + rng.normal(0, 1.3, (40, 2))
+    draws = F.ransac_draw_errors(kp0, kp1, matches, H_gt, SHAPE)
+    single = F.corner_error(F.estimate_homography(kp0, kp1, matches), H_gt, SHAPE)
+    assert draws[0] == pytest.approx(single)
+    assert draws.max() > 2 * draws.min()                               # measured 6.2 to 57.8 px
+    assert F.expected_homography_accuracy([exact, draws], 30) == pytest.approx((1 + np.mean(draws <= 30)) / 2)

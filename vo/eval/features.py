@@ -29,6 +29,7 @@ RANSAC_THRESHOLD = 3.0         # px, reprojection threshold of cv2.findHomograph
 HOMOGRAPHY_EPSILONS = (1, 3, 5)
 # The paper's estimator first; both seed their generators on each call (reproducible).
 HOMOGRAPHY_ESTIMATORS = {"ransac": cv2.RANSAC, "magsac": cv2.USAC_MAGSAC}
+RANSAC_DRAWS = 10              # orderings of the matches behind the expected plain-RANSAC accuracy
 
 
 # ----------------------------------------------------------------------------- image resizing
@@ -146,6 +147,27 @@ def corner_errors(kp0, kp1, matches, H_gt: np.ndarray, shape_hw) -> dict[str, fl
     """{estimator: corner error of its estimate from these matches} for every estimator."""
     return {name: corner_error(estimate_homography(kp0, kp1, matches, estimator=name), H_gt, shape_hw)
             for name in HOMOGRAPHY_ESTIMATORS}
+
+
+def ransac_draw_errors(kp0, kp1, matches, H_gt: np.ndarray, shape_hw, draws: int = RANSAC_DRAWS) -> np.ndarray:
+    """Corner errors of the paper's plain RANSAC on ``draws`` orderings of the same matches, the
+    first as given (so it is the single run's error).
+
+    cv2.findHomography seeds its sampler alike on every call, so one run is one draw of its luck
+    on a pair: which minimal samples it tries, and when its confidence stops it. Reordering the
+    matches draws other samples. The mean success over the draws is the accuracy a pair can be
+    expected to have under that estimator, with much less noise than one run.
+    """
+    matches = np.asarray(matches, np.int64).reshape(-1, 2)
+    rng = np.random.default_rng(0)
+    orders = [np.arange(len(matches))] + [rng.permutation(len(matches)) for _ in range(draws - 1)]
+    return np.array([corner_error(estimate_homography(kp0, kp1, matches[order]), H_gt, shape_hw)
+                     for order in orders])
+
+
+def expected_homography_accuracy(draw_errors_per_pair, eps: float) -> float:
+    """Mean over pairs of the fraction of a pair's draws (``ransac_draw_errors``) correct at ``eps``."""
+    return float(np.mean([np.mean(np.asarray(errors) <= eps) for errors in draw_errors_per_pair]))
 
 
 def right_matches_fit_error(kp0, kp1, matches, H_gt: np.ndarray, shape_hw, dist: float = CORRECT_DIST) -> float:
