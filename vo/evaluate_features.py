@@ -240,7 +240,8 @@ def evaluate_dataset(methods: list[Method], pairs: list[Pair], matcher=None, pro
 # ----------------------------------------------------------------------------- report
 
 COLUMNS = (("repeatability", "Rep."), ("mle", "MLE"), ("h_acc_1", "H ε=1"), ("h_acc_3", "H ε=3"),
-           ("h_acc_5", "H ε=5"), ("h_acc_draws_3", f"RANSAC x{F.RANSAC_DRAWS} ε=3"), ("h_acc_magsac_1", "MAGSAC++ ε=1"), ("h_acc_magsac_3", "MAGSAC++ ε=3"),
+           ("h_acc_5", "H ε=5"), ("h_acc_draws_3", f"RANSAC x{F.RANSAC_DRAWS} ε=3"),
+           ("h_acc_magsac_1", "MAGSAC++ ε=1"), ("h_acc_magsac_3", "MAGSAC++ ε=3"),
            ("h_acc_magsac_5", "MAGSAC++ ε=5"), ("h_acc_right_3", "right-LS ε=3"), ("nn_map", "NN mAP"),
            ("matching_score", "M. score"), ("keypoints", "kp"))
 
