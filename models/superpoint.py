@@ -33,6 +33,9 @@ default_conf = {
     # Image scales to detect and describe at, e.g. (1.0, 0.7): the best max_keypoints over all of
     # them are kept, so points also match across zoom (not in the paper, which runs at 1.0 only).
     "scales": (1.0,),
+    # Anti-aliased pooling (``max_blur_pool_2x2``), for files trained with it (``vo.train superpoint
+    # --set antialias=true``; none ships). Official files and ours run with plain pooling.
+    "antialias": False,
 }
 
 
@@ -48,7 +51,8 @@ class SuperPointNet(nn.Module):
     the norms into the convs (``folded_state_dict``), so shipped files keep the official layout.
     """
 
-    def __init__(self, descriptor_dim: int = 256, channels=(64, 64, 128, 128, 256), batch_norm: bool = False):
+    def __init__(self, descriptor_dim: int = 256, channels=(64, 64, 128, 128, 256), batch_norm: bool = False,
+                 antialias: bool = False):
         super().__init__()
         c1, c2, c3, c4, c5 = channels
         conv = lambda i, o, k=3: nn.Conv2d(i, o, kernel_size=k, stride=1, padding=k // 2)
@@ -60,7 +64,10 @@ class SuperPointNet(nn.Module):
         self.convDa, self.convDb = conv(c4, c5), conv(c5, descriptor_dim, 1)
         self.norms = nn.ModuleDict({name: nn.BatchNorm2d(getattr(self, name).out_channels)
                                     for name in NORMALISED_CONVS}) if batch_norm else None
-        self.pool = max_pool_2x2
+        # Anti-aliased pooling has no weights, so the layout stays the official one; official files
+        # were trained with plain pooling and must run with it.
+        self.antialias = antialias
+        self.pool = max_blur_pool_2x2 if antialias else max_pool_2x2
 
     def block(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """conv (+ norm) + ReLU."""
@@ -103,14 +110,14 @@ def channels_from_state_dict(state: dict) -> tuple[int, ...]:
         raise KeyError(e.args[0] if e.args else "conv1a.weight") from None
 
 
-def build_net(weights, descriptor_dim: int = 256) -> SuperPointNet:
+def build_net(weights, descriptor_dim: int = 256, antialias: bool = False) -> SuperPointNet:
     """A network with the widths found in ``weights`` (a path), loaded with strict checks."""
     state = read_state_dict(weights)
     try:
         channels = channels_from_state_dict(state)
     except KeyError as e:
         raise WeightsError(f"{weights}: missing key '{e.args[0]}' (is this a SuperPoint file?)") from None
-    net = SuperPointNet(descriptor_dim, channels)
+    net = SuperPointNet(descriptor_dim, channels, antialias=antialias)
     load_checked(net, weights, state)
     return net
 
@@ -130,6 +137,21 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
 
 def torch_max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, 2)
+
+
+def max_blur_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """Anti-aliased 2x2 max pooling (Zhang 2019, "Making CNNs shift-invariant again"): the max
+    over 2x2 windows at stride 1, then a [1 2 1]^2 / 16 blur at stride 2. Strided pooling makes
+    the features depend on where a corner falls in the 8x8 grid and the blur takes much of that
+    out; SuperPoint's decoder needs it to place points inside a cell, so a net fine-tuned with it
+    localised worse (weights/README.md). Output pixel i is centred on input 2i + 0.5, as with
+    ``max_pool_2x2``."""
+    height, width = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    x = F.max_pool2d(F.pad(x[..., :height, :width], (0, 1, 0, 1), mode="replicate"), 2, stride=1)
+    taps = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype, device=x.device)
+    kernel = (taps[:, None] * taps[None, :] / 16).expand(x.shape[1], 1, 3, 3)
+    x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    return F.conv2d(x, kernel.contiguous(), stride=2, groups=x.shape[1])
 
 
 def logits_to_heatmap(logits: torch.Tensor, cell: int = 8) -> torch.Tensor:
@@ -307,9 +329,12 @@ class SuperPoint:
         if weights is None:
             weights = default_weights("superpoint_*.pth")
         if weights is False:
-            net = SuperPointNet(self.conf["descriptor_dim"], self.conf.get("channels", (64, 64, 128, 128, 256)))
+            net = SuperPointNet(self.conf["descriptor_dim"], self.conf.get("channels", (64, 64, 128, 128, 256)),
+                                antialias=self.conf["antialias"])
         else:
-            net = build_net(weights, self.conf["descriptor_dim"])
+            net = build_net(weights, self.conf["descriptor_dim"], self.conf["antialias"])
+        if self.precision == "int8" and net.antialias:
+            raise ValueError("precision 'int8' runs plain pooling only; use fp32 or bf16 with antialias=True")
         self.weights = weights
         self.net = net.eval().to(self.device, memory_format=torch.channels_last)
         self.int8_net = None   # built from the first input when precision == "int8"

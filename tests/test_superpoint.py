@@ -191,6 +191,38 @@ def test_strided_max_pooling_equals_max_pool2d_on_odd_and_channels_last_maps(dty
     assert grad.grad.sum() == 2 * 3 * 3 and grad.grad.max() == 1
 
 
+def sample_frame() -> np.ndarray:
+    rgb = ROOT / "sequences" / "rgbd_dataset_freiburg3_teddy_sample" / "rgb"
+    return cv2.imread(str(sorted(rgb.glob("*.png"))[0]), cv2.IMREAD_GRAYSCALE)
+
+
+def test_antialiased_pooling_keeps_the_grid_and_follows_a_half_cell_shift_where_plain_pooling_jumps():
+    from models.superpoint import max_blur_pool_2x2, max_pool_2x2
+    image = torch.from_numpy(sample_frame()[:240, :320].astype(np.float32) / 255)[None, None]
+    for pool in (max_pool_2x2, max_blur_pool_2x2):
+        assert pool(image).shape == (1, 1, 120, 160)
+        flat = torch.full((1, 3, 10, 14), 0.7)
+        assert torch.allclose(pool(flat), torch.full((1, 3, 5, 7), 0.7))
+    # Three poolings make the network's 8-pixel cells. An image moved right by half a cell (4 px)
+    # should pool to about the mean of the unmoved map and the map moved by a whole cell (8 px);
+    # plain pooling misses that by more than twice as much (measured: 0.018 against 0.007).
+    def miss(pool):
+        cells = lambda x: pool(pool(pool(x)))
+        moved = lambda d: cells(image[..., 8:-8, 8 - d:image.shape[-1] - 8 - d])
+        return float((moved(4) - (moved(0) + moved(8)) / 2)[..., 1:-1, 1:-1].abs().mean())
+    assert miss(max_blur_pool_2x2) < 0.5 * miss(max_pool_2x2)
+
+
+def test_antialiasing_adds_no_weights_so_the_layout_stays_the_official_one(tmp_path):
+    plain = SuperPointNet(channels=(8, 8, 16, 16, 32))
+    antialiased = SuperPointNet(channels=(8, 8, 16, 16, 32), antialias=True)
+    assert plain.state_dict().keys() == antialiased.state_dict().keys()
+    path = tmp_path / "superpoint.pth"
+    torch.save(plain.state_dict(), path)
+    assert not SuperPoint(weights=path).net.antialias     # shipped and official files: plain pooling
+    assert SuperPoint(weights=path, antialias=True).net.antialias
+
+
 def test_subpixel_refinement_recovers_the_centre_of_a_gaussian_peak():
     ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(40.0), indexing="ij")
     centre = torch.tensor([17.3, 11.8])   # x, y

@@ -287,6 +287,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default: keep all)")
     parser.add_argument("--scales", type=float, nargs="+", default=None, metavar="S",
                         help="SuperPoint image scales, e.g. 1 0.7 (default: 1 only); the best 1000 of all are kept")
+    parser.add_argument("--antialias", action="store_true",
+                        help="SuperPoint: anti-aliased pooling, for files trained with it (vo.train superpoint "
+                             "--set antialias=true; default: plain pooling, as every shipped file)")
     args = parser.parse_args(argv)
     if args.scales:
         from models.superpoint import checked_scales
@@ -303,12 +306,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def superpoint_method(name: str, weights, detector_only: bool, threshold: float = 0.005,
-                      scales=(1.0,), nms_radius: int = 4, min_peak_curvature: float | None = None) -> Method:
+def superpoint_method(name: str, weights, detector_only: bool, threshold: float = 0.005, scales=(1.0,),
+                      nms_radius: int = 4, min_peak_curvature: float | None = None, antialias: bool = False) -> Method:
     from models.superpoint import SuperPoint
     # fp32 on purpose: the metrics describe the network, not a reduced-precision run.
     model = SuperPoint(weights=weights, max_keypoints=MAX_KEYPOINTS, keypoint_threshold=threshold, precision="fp32",
-                       scales=tuple(scales), nms_radius=nms_radius, min_peak_curvature=min_peak_curvature)
+                       scales=tuple(scales), nms_radius=nms_radius, min_peak_curvature=min_peak_curvature,
+                       antialias=antialias)
     return Method(name, model.extract, detector_only)
 
 
@@ -333,10 +337,11 @@ def build_methods(args) -> tuple[list[Method], list[str]]:
     settings += f", threshold {args.threshold:g}" if args.threshold != 0.005 else ""
     settings += f", NMS {args.nms}" if args.nms != 4 else ""
     settings += f", curvature >= {args.min_curvature:g}" if args.min_curvature is not None else ""
+    settings += ", anti-aliased" if args.antialias else ""
     for path in superpoints:
         methods.append(superpoint_method(f"SuperPoint ({path}{settings})", path, detector_only=False,
                                          threshold=args.threshold, scales=scales, nms_radius=args.nms,
-                                         min_peak_curvature=args.min_curvature))
+                                         min_peak_curvature=args.min_curvature, antialias=args.antialias))
     methods += [Method("ORB", ORB(max_keypoints=MAX_KEYPOINTS).extract),
                 Method("SIFT", SIFT(max_keypoints=MAX_KEYPOINTS).extract)]
     return methods, notes

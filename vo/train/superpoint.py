@@ -47,6 +47,9 @@ default_conf = {
     "covariance_weight": 0.0,
     "covariance_radius": 3,   # px; the windows are (2r+1)^2
     "covariance_centred": False,   # Pearson instead of cosine: flat windows are not rewarded
+    # Anti-aliased pooling (``models.superpoint.max_blur_pool_2x2``), weightless, so a plain-pooling
+    # file can start such a run. Tried against the grid's aliasing; it localised worse (weights/README.md).
+    "antialias": False,
     "loss": losses.default_conf,
 }
 
@@ -145,11 +148,12 @@ def init_net(conf: dict, init: str | Path | None, resume_from: Path | None = Non
     """
     if resume_from is not None and resume_from.exists():
         state, _ = read_checkpoint_model(resume_from)
-        return SuperPointNet(channels=channels_from_state_dict(state), batch_norm=True)
+        return SuperPointNet(channels=channels_from_state_dict(state), batch_norm=True, antialias=conf["antialias"])
     if init is None:
-        return SuperPointNet(channels=conf["channels"], batch_norm=True)
+        return SuperPointNet(channels=conf["channels"], batch_norm=True, antialias=conf["antialias"])
     start = build_net(init)
-    net = SuperPointNet(channels=channels_from_state_dict(start.state_dict()), batch_norm=True)
+    net = SuperPointNet(channels=channels_from_state_dict(start.state_dict()), batch_norm=True,
+                        antialias=conf["antialias"])
     net.load_state_dict(start.state_dict(), strict=False)   # the norms start as identities
     return net
 
