@@ -28,9 +28,9 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from vo.eval.features import localization_errors  # noqa: E402
+from vo.evaluate_features import DEFAULT_DATA, MAX_KEYPOINTS, SIZE_HW, superpoint_method  # noqa: E402
 from vo.geometry.homography import pair_conf, sample_homography, warp_image  # noqa: E402
 
-SIZE_HW = (480, 640)
 MARGIN = 8     # px cut from every side, so that a shifted crop stays inside the image
 CHANGES = ("shift", "photometric", "warp", "both")
 
@@ -72,14 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.05, help="SuperPoint detection threshold (default 0.05)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.7], help="SuperPoint scales (default 1 0.7)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     from models.classical import SIFT
-    from models.superpoint import SuperPoint
-    from models.weights import WeightsError
+    from models.weights import WeightsError, default_weights
     from vo.datasets.real_images import held_out_images, load_gray
 
     args = parse_args(argv)
@@ -88,15 +87,16 @@ def main(argv=None) -> int:
         print(f"error: {args.data / 'images/natural/Kodak24'}: no held-out images found", file=sys.stderr)
         return 2
     try:
-        superpoint = SuperPoint(args.superpoint, max_keypoints=1000, keypoint_threshold=args.threshold,
-                                precision="fp32", scales=tuple(args.scales), antialias=args.antialias)
+        weights = args.superpoint or default_weights("superpoint_*.pth")
+        superpoint = superpoint_method("SuperPoint", weights, False, args.threshold, args.scales,
+                                       antialias=args.antialias)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     images = [load_gray(p, SIZE_HW) for p in paths]
-    methods = {"SuperPoint": superpoint.extract, "SIFT": SIFT(max_keypoints=1000).extract}
-    print(f"SuperPoint {superpoint.weights}, threshold {args.threshold:g}, scales "
-          f"{' '.join(f'{s:g}' for s in args.scales)}; {len(images)} Kodak24 images at 480x640, 1000 keypoints")
+    methods = {"SuperPoint": superpoint.extract, "SIFT": SIFT(max_keypoints=MAX_KEYPOINTS).extract}
+    print(f"SuperPoint {weights}, threshold {args.threshold:g}, scales {' '.join(f'{s:g}' for s in args.scales)}; "
+          f"{len(images)} Kodak24 images at {SIZE_HW[0]}x{SIZE_HW[1]}, {MAX_KEYPOINTS} keypoints")
     print("| change | SuperPoint mean / median px | SIFT mean / median px | ratio of means |")
     print("|---|---|---|---|")
     for change in tqdm(CHANGES, desc="changes", file=sys.stderr):
