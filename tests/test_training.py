@@ -210,6 +210,26 @@ def test_superpoint_pairs_take_the_warp_overrides():
     assert np.abs(H_default / H_default[2, 2] - np.eye(3)).max() > 0.01
 
 
+def test_shift_pairs_move_image_and_labels_by_the_same_whole_pixels():
+    from vo.geometry.homography import sample_shift, warp_image
+    from vo.train.superpoint import make_pair
+    rng = np.random.default_rng(0)
+    shifts = np.array([sample_shift(rng, 3)[:2, 2] for _ in range(300)])
+    assert np.all(shifts == np.round(shifts)) and np.abs(shifts).max() == 3
+    assert not np.any(np.all(shifts == 0, axis=1)) and len(np.unique(shifts, axis=0)) == 48   # 7x7 less (0, 0)
+
+    image = (np.random.default_rng(1).random((60, 80)) * 255).astype(np.uint8)
+    kpts = np.array([[10.0, 20.0], [40.0, 30.0], [77.0, 5.0]])
+    _, _, map0, map1, H = make_pair(image, kpts, np.random.default_rng(2), {"shift": 5})
+    dx, dy = int(H[0, 2]), int(H[1, 2])
+    moved = warp_image(image, H)
+    ys, xs = slice(max(dy, 0), 60 + min(dy, 0)), slice(max(dx, 0), 80 + min(dx, 0))
+    source = image[max(-dy, 0):60 - max(dy, 0), max(-dx, 0):80 - max(dx, 0)]
+    np.testing.assert_array_equal(moved[ys, xs], source)   # exact: no interpolation
+    expected = {(int(x) + dx, int(y) + dy) for x, y in kpts if 0 <= x + dx < 80 and 0 <= y + dy < 60}
+    assert {(x, y) for y, x in np.argwhere(map1)} == expected and map0.sum() == 3
+
+
 def test_sub_pixel_labels_keep_their_position_and_their_mass():
     from models.superpoint import refine_subpixel
     from vo.datasets.synthetic_shapes import soft_keypoint_map

@@ -383,7 +383,10 @@ def run(args) -> str:
               f"x{F.RANSAC_DRAWS} = plain RANSAC's expected accuracy over {F.RANSAC_DRAWS} orderings of the matches "
               "(its first draw is the H ε column's run); right-LS = a "
               "least-squares fit to the matches that are right by the truth (no estimator: what the matches allow); "
-              "MLE in px; kp = mean keypoints per image in the shared view.")
+              "MLE in px; kp = mean keypoints per image in the shared view. "
+              # SIFT, ORB and both estimators are OpenCV's, and its releases move them (5.x's plain RANSAC
+              # no longer refits H on its inliers), so runs compare only at the same version.
+              f"OpenCV {cv2.__version__}.")
     return "\n\n".join(notes + [legend] + tables) + "\n"
 
 

@@ -141,6 +141,17 @@ def warp_points(H: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return homog[:, :2] / homog[:, 2:3]
 
 
+def sample_shift(rng: np.random.Generator, max_shift: int) -> np.ndarray:
+    """A translation by whole pixels, each axis in [-max_shift, max_shift], never (0, 0).
+
+    Content moves exactly (no interpolation), so a detector that follows it is free of its
+    grid's aliasing: the training pairs for that (``vo.train superpoint``'s ``{"shift": n}`` warp)."""
+    while True:
+        dx, dy = rng.integers(-max_shift, max_shift + 1, 2)
+        if dx or dy:
+            return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
+
+
 def warp_image(image: np.ndarray, H: np.ndarray, out_shape_hw=None,
                interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
     """Warp an image with H (source -> warped); outside pixels become 0."""

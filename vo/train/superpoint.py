@@ -17,7 +17,8 @@ from models.superpoint import SuperPointNet, build_net, channels_from_state_dict
 from models.runtime import autocast, select_precision
 from vo.datasets.real_images import DEFAULT_DATA, load_gray
 from vo.datasets.synthetic_shapes import keypoint_map, photometric_augment, soft_keypoint_map
-from vo.geometry.homography import filter_inside, pair_conf, sample_homography, warp_image, warp_points
+from vo.geometry.homography import (filter_inside, pair_conf, sample_homography, sample_shift, warp_image,
+                                   warp_points)
 from vo.train import losses
 from vo.train.common import Checkpoint, fit, merge_conf, read_checkpoint_model, setup_cpu, step_rng
 
@@ -37,6 +38,8 @@ default_conf = {
     # Each pair's warp: pair_conf with one of these overrides, drawn uniformly ([{}]: pair_conf
     # only). Adding stronger zoom and perspective, e.g. vo.evaluate_features' strong_conf
     # without the lost content, trains for the scale changes of forward motion and HPatches.
+    # {"shift": n}: a translation by whole pixels up to n instead (``sample_shift``), whose
+    # labels move exactly, against the 8-pixel grid's aliasing (benchmarks/localisation.py).
     "warps": [{}],
     # None: the paper's one-hot labels (the nearest pixel). A number: Gaussian labels of this
     # sigma (px) around the sub-pixel positions (``soft_keypoint_map``), for labels that carry
@@ -77,10 +80,11 @@ def labels_map(keypoints: np.ndarray, hw, sigma: float | None) -> np.ndarray:
 
 def make_pair(image: np.ndarray, keypoints: np.ndarray, rng: np.random.Generator, warp: dict | None = None,
               sigma: float | None = None):
-    """An image, its random warp (``pair_conf`` updated by ``warp``), the keypoint maps of both
-    (``labels_map``) and the homography (0 -> 1)."""
+    """An image, its random warp (``pair_conf`` updated by ``warp``, or a whole-pixel shift for
+    ``{"shift": n}``), the keypoint maps of both (``labels_map``) and the homography (0 -> 1)."""
     hw = image.shape
-    H = sample_homography(hw, rng, **{**pair_conf, **(warp or {})})
+    warp = warp or {}
+    H = sample_shift(rng, warp["shift"]) if "shift" in warp else sample_homography(hw, rng, **{**pair_conf, **warp})
     warped = warp_image(image, H)
     warped_kpts = filter_inside(warp_points(H, keypoints), hw)
     image0 = photometric_augment(rng, image)
