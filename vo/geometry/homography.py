@@ -144,8 +144,8 @@ def warp_points(H: np.ndarray, pts: np.ndarray) -> np.ndarray:
 def sample_shift(rng: np.random.Generator, max_shift: int) -> np.ndarray:
     """A translation by whole pixels, each axis in [-max_shift, max_shift], never (0, 0).
 
-    Content moves exactly (no interpolation), so a detector that follows it is free of its
-    grid's aliasing: the training pairs for that (``vo.train superpoint``'s ``{"shift": n}`` warp)."""
+    Content and labels move exactly (no interpolation): ``vo.train superpoint``'s ``{"shift": n}``
+    pairs, which ask the detector to follow whole-pixel shifts as SIFT does, against its grid's aliasing."""
     while True:
         dx, dy = rng.integers(-max_shift, max_shift + 1, 2)
         if dx or dy:

@@ -84,6 +84,8 @@ def make_pair(image: np.ndarray, keypoints: np.ndarray, rng: np.random.Generator
     ``{"shift": n}``), the keypoint maps of both (``labels_map``) and the homography (0 -> 1)."""
     hw = image.shape
     warp = warp or {}
+    if "shift" in warp and len(warp) > 1:
+        raise ValueError(f"warp {warp}: a shift takes no other homography options")
     H = sample_shift(rng, warp["shift"]) if "shift" in warp else sample_homography(hw, rng, **{**pair_conf, **warp})
     warped = warp_image(image, H)
     warped_kpts = filter_inside(warp_points(H, keypoints), hw)
